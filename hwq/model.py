@@ -1,0 +1,315 @@
+"""ResNet for CIFAR-10 (He et al. 2016, "option A" shortcuts), as float and as Brevitas.
+
+Both variants take raw uint8 images (N, 3, 32, 32), so every evaluation mode sees the same
+data. The float model normalizes like the public checkpoints were trained. The quantized
+model instead subtracts an integer per-channel zero point and folds 1/(255*std) into the
+first convolution, so that the integer program's input is the raw image itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import brevitas.nn as qnn
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from brevitas.quant import (
+    Int8WeightPerChannelFloat,
+    Int8WeightPerTensorFloat,
+    Int32Bias,
+    Uint8ActPerTensorFloat,
+)
+
+from . import HwqError
+
+CIFAR_MEAN = (0.485, 0.456, 0.406)
+CIFAR_STD = (0.229, 0.224, 0.225)
+DEPTHS = (20, 32, 44, 56)
+MIN_BITS, MAX_BITS = 2, 16
+STAGE_WIDTHS = (16, 32, 64)
+
+KNOWN_CHECKPOINTS = {
+    "resnet20": (
+        "https://github.com/akamaster/pytorch_resnet_cifar10/raw/master/"
+        "pretrained_models/resnet20-12fca82f.th",
+        "12fca82f",
+    ),
+}
+
+
+def input_zero_points() -> tuple[int, ...]:
+    """The per-channel mean of the normalization, in raw pixel units, rounded to integers."""
+    return tuple(round(255 * m) for m in CIFAR_MEAN)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Bit widths of the quantized network; first/last layer weights default to `wbits`."""
+
+    wbits: int
+    abits: int
+    per_channel: bool = False
+    first_wbits: int | None = None
+    last_wbits: int | None = None
+
+    @property
+    def stem_wbits(self) -> int:
+        return self.first_wbits or self.wbits
+
+    @property
+    def head_wbits(self) -> int:
+        return self.last_wbits or self.wbits
+
+    def validate(self) -> None:
+        for name in ("wbits", "abits", "first_wbits", "last_wbits"):
+            value = getattr(self, name)
+            if value is not None and not MIN_BITS <= value <= MAX_BITS:
+                raise HwqError(f"--{name.replace('_', '-')} {value} is out of range [{MIN_BITS}, {MAX_BITS}]")
+
+
+class Normalize(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(CIFAR_STD).view(1, 3, 1, 1) * 255, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() - self.mean) / self.std
+
+
+class SubtractZeroPoint(nn.Module):
+    """Integer-valued input (pixel - zero point): padding with 0 here pads with the mean."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        zp = torch.tensor(input_zero_points(), dtype=torch.float32).view(1, 3, 1, 1)
+        self.register_buffer("zero_point", zp, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float() - self.zero_point
+
+
+class ShortcutA(nn.Module):
+    """Option-A shortcut: subsample by the stride, zero-pad the new channels on both sides."""
+
+    def __init__(self, stride: int, pad_channels: int) -> None:
+        super().__init__()
+        self.stride = stride
+        self.pad_channels = pad_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride == 1 and self.pad_channels == 0:
+            return x
+        x = x[:, :, :: self.stride, :: self.stride]
+        return F.pad(x, (0, 0, 0, 0, self.pad_channels, self.pad_channels))
+
+
+class FloatLayers:
+    """Layer factory for the float reference network."""
+
+    def input_transform(self) -> nn.Module:
+        return Normalize()
+
+    def conv(self, cin: int, cout: int, stride: int, first: bool = False) -> nn.Module:
+        return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+
+    def relu(self) -> nn.Module:
+        return nn.ReLU()
+
+    def head_act(self) -> nn.Module:
+        return nn.Identity()
+
+    def linear(self, cin: int, cout: int) -> nn.Module:
+        return nn.Linear(cin, cout)
+
+
+class QuantLayers:
+    """Layer factory for the Brevitas network at the bit widths of a QuantConfig."""
+
+    def __init__(self, cfg: QuantConfig) -> None:
+        self.cfg = cfg
+        self.weight_quant = Int8WeightPerChannelFloat if cfg.per_channel else Int8WeightPerTensorFloat
+
+    def input_transform(self) -> nn.Module:
+        return SubtractZeroPoint()
+
+    def conv(self, cin: int, cout: int, stride: int, first: bool = False) -> nn.Module:
+        bits = self.cfg.stem_wbits if first else self.cfg.wbits
+        return qnn.QuantConv2d(
+            cin, cout, 3, stride=stride, padding=1, bias=False,
+            weight_quant=self.weight_quant, weight_bit_width=bits,
+        )
+
+    def relu(self) -> nn.Module:
+        return qnn.QuantReLU(bit_width=self.cfg.abits)
+
+    def head_act(self) -> nn.Module:
+        return qnn.QuantIdentity(
+            act_quant=Uint8ActPerTensorFloat, bit_width=self.cfg.abits, return_quant_tensor=True
+        )
+
+    def linear(self, cin: int, cout: int) -> nn.Module:
+        return qnn.QuantLinear(
+            cin, cout, bias=True, weight_quant=self.weight_quant,
+            weight_bit_width=self.cfg.head_wbits, bias_quant=Int32Bias,
+        )
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, layers: FloatLayers | QuantLayers, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = layers.conv(cin, cout, stride)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu1 = layers.relu()
+        self.conv2 = layers.conv(cout, cout, 1)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = ShortcutA(stride, (cout - cin) // 2)
+        self.relu2 = layers.relu()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out)) + self.shortcut(x)
+        return self.relu2(out)
+
+
+class ResNetCifar(nn.Module):
+    """Module names follow akamaster/pytorch_resnet_cifar10, so its checkpoints load as-is."""
+
+    def __init__(self, depth: int = 20, num_classes: int = 10, layers: FloatLayers | QuantLayers | None = None):
+        super().__init__()
+        if depth not in DEPTHS:
+            raise HwqError(f"ResNet depth {depth} is not one of {DEPTHS}")
+        layers = layers or FloatLayers()
+        self.depth = depth
+        blocks = (depth - 2) // 6
+        self.input = layers.input_transform()
+        self.conv1 = layers.conv(3, STAGE_WIDTHS[0], 1, first=True)
+        self.bn1 = nn.BatchNorm2d(STAGE_WIDTHS[0])
+        self.relu = layers.relu()
+        cin = STAGE_WIDTHS[0]
+        for stage, width in enumerate(STAGE_WIDTHS, start=1):
+            stride = 1 if stage == 1 else 2
+            seq = [BasicBlock(layers, cin if i == 0 else width, width, stride if i == 0 else 1) for i in range(blocks)]
+            setattr(self, f"layer{stage}", nn.Sequential(*seq))
+            cin = width
+        self.head_act = layers.head_act()
+        self.linear = layers.linear(cin, num_classes)
+
+    def stages(self) -> list[nn.Sequential]:
+        return [self.layer1, self.layer2, self.layer3]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(self.input(x))))
+        for stage in self.stages():
+            out = stage(out)
+        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
+        return self.linear(self.head_act(out))
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("HWQ_CACHE", Path.home() / ".cache" / "hwq"))
+
+
+def resolve_checkpoint(spec: str) -> Path:
+    """A local path, or the name of a known public checkpoint (downloaded once, hash-checked)."""
+    path = Path(spec).expanduser()
+    if path.exists():
+        return path
+    if spec not in KNOWN_CHECKPOINTS:
+        known = ", ".join(KNOWN_CHECKPOINTS)
+        raise HwqError(f"checkpoint {spec} does not exist (known names to download: {known})")
+    url, sha_prefix = KNOWN_CHECKPOINTS[spec]
+    target = cache_dir() / "checkpoints" / Path(url).name
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(url, str(target), hash_prefix=sha_prefix, progress=True)
+        except Exception as exc:  # noqa: BLE001 - any network failure means the same to the user
+            raise HwqError(f"cannot download checkpoint {spec} from {url} ({exc}); pass a local path") from None
+    return target
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict of a checkpoint: {"state_dict": ...} or a plain one, `module.` stripped."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
+        raise HwqError(f"cannot read checkpoint {path}: not a PyTorch checkpoint ({type(exc).__name__})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise HwqError(f"checkpoint {path} holds no state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def infer_depth(state: dict[str, torch.Tensor], path: Path) -> int:
+    blocks = {k.split(".")[1] for k in state if k.startswith("layer1.")}
+    depth = 6 * len(blocks) + 2
+    if depth not in DEPTHS:
+        raise HwqError(f"checkpoint {path} is not a CIFAR ResNet (found {len(blocks)} blocks per stage)")
+    return depth
+
+
+def load_float_model(spec: str, depth: int | None = None) -> ResNetCifar:
+    """Load a float CIFAR ResNet checkpoint, naming what does not fit if it does not match."""
+    path = resolve_checkpoint(spec)
+    state = read_state_dict(path)
+    depth = depth or infer_depth(state, path)
+    model = ResNetCifar(depth)
+    expected = model.state_dict()
+    missing = sorted(k for k in set(expected) - set(state) if not k.endswith("num_batches_tracked"))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"missing {', '.join(missing[:3])}{' …' if len(missing) > 3 else ''}")
+    if unexpected:
+        problems.append(f"unexpected {', '.join(unexpected[:3])}{' …' if len(unexpected) > 3 else ''}")
+    if wrong:
+        k = wrong[0]
+        problems.append(f"shape of {k} is {tuple(state[k].shape)}, expected {tuple(expected[k].shape)}")
+    if problems:
+        raise HwqError(f"checkpoint {path} does not match ResNet-{depth}: {'; '.join(problems)}")
+    model.load_state_dict(state, strict=False)
+    model.checkpoint_sha256 = file_sha256(path)
+    return model.eval()
+
+
+def quantize_model(float_model: ResNetCifar, cfg: QuantConfig) -> ResNetCifar:
+    """The Brevitas network with the float weights; 1/(255*std) folded into the first conv."""
+    cfg.validate()
+    qmodel = ResNetCifar(float_model.depth, float_model.linear.out_features, QuantLayers(cfg))
+    state = {k: v.clone() for k, v in float_model.state_dict().items()}
+    std = torch.tensor(CIFAR_STD).view(1, 3, 1, 1) * 255
+    state["conv1.weight"] = state["conv1.weight"] / std
+    missing, unexpected = qmodel.load_state_dict(state, strict=False)
+    leftovers = [k for k in missing if "quant" not in k]
+    if leftovers or unexpected:
+        raise HwqError(f"internal: float and quantized networks differ ({leftovers or unexpected})")
+    return qmodel.eval()
+
+
+def calibrate(qmodel: ResNetCifar, images: torch.Tensor, batch_size: int = 256) -> None:
+    """Set every activation scale from statistics on `images` (Brevitas calibration mode)."""
+    from brevitas.graph.calibrate import calibration_mode
+
+    with torch.no_grad(), calibration_mode(qmodel):
+        for batch in images.split(batch_size):
+            qmodel(batch)
+    qmodel.eval()

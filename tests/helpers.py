@@ -1,0 +1,63 @@
+"""Shared fixtures: the real checkpoint and CIFAR-10 subset from ../shared when present,
+otherwise a deterministic random ResNet-20 and random images, so the suite runs anywhere."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import pytest
+import torch
+
+from hwq.data import load_split
+from hwq.lower import lower
+from hwq.model import QuantConfig, ResNetCifar, calibrate, load_float_model, quantize_model
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+CHECKPOINT = SHARED / "models" / "resnet20-12fca82f.th"
+DATA = SHARED / "data" / "cifar10-subset"
+HAVE_SHARED = CHECKPOINT.exists() and DATA.exists()
+
+
+def random_resnet(seed: int = 0) -> ResNetCifar:
+    """A float ResNet-20 with random weights and BatchNorm statistics of a trained scale."""
+    torch.manual_seed(seed)
+    model = ResNetCifar(20)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(-0.2, 1.0)
+            m.bias.data.uniform_(-0.3, 0.3)
+    return model.eval()
+
+
+@functools.cache
+def float_model() -> ResNetCifar:
+    return load_float_model(str(CHECKPOINT)) if HAVE_SHARED else random_resnet()
+
+
+@functools.cache
+def calibration_images() -> torch.Tensor:
+    if HAVE_SHARED:
+        return load_split(str(DATA), "train").images[:256]
+    return torch.randint(0, 256, (256, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+
+
+@functools.cache
+def brevitas_model(cfg: QuantConfig):
+    q = quantize_model(float_model(), cfg)
+    calibrate(q, calibration_images())
+    return q
+
+
+@functools.cache
+def program_for(cfg: QuantConfig):
+    return lower(brevitas_model(cfg), cfg)
+
+
+@pytest.fixture(scope="session")
+def val_set():
+    if HAVE_SHARED:
+        return load_split(str(DATA), "val")
+    pytest.skip("needs the shared CIFAR-10 subset and checkpoint (../shared)")
