@@ -346,21 +346,39 @@ class FunctionalSim:
         torch.backends.cuda.matmul.allow_tf32 = False
         return torch.backends.cudnn.flags(enabled=False)
 
-    def run(self, images: torch.Tensor | np.ndarray, record: bool = False) -> SimResult:
+    def input_carrier(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Check a batch of images against the program input and put it in carrier form."""
         x = torch.as_tensor(images, device=self.device)
         spec = self.program.tensors[self.program.input]
         if tuple(x.shape[1:]) != spec.shape:
             raise ValueError(f"input shape {tuple(x.shape[1:])} does not match program input {spec.shape}")
         if x.dtype.is_floating_point or int(x.min()) < spec.qmin or int(x.max()) > spec.qmax:
             raise ValueError(f"input must hold integers in [{spec.qmin}, {spec.qmax}]")
-        env = {self.program.input: x.to(carrier_dtype(spec)).contiguous(memory_format=torch.channels_last)}
-        stats = self.layer_stats()
+        return self.to_carrier(self.program.input, x)
+
+    def to_carrier(self, tensor: str, values: torch.Tensor) -> torch.Tensor:
+        dtype = carrier_dtype(self.program.tensors[tensor])
+        return values.to(self.device, dtype).contiguous(memory_format=torch.channels_last)
+
+    def execute(self, env: dict[str, torch.Tensor], start: int = 0, stop: int | None = None) -> dict[str, LayerStats]:
+        """Run ops[start:stop] over `env` (tensor name -> carrier tensor), adding their outputs.
+
+        Starting past op 0 lets a caller reuse activations it already has (the trainer's
+        incremental fitness, per-layer comparisons).
+        """
+        stats = {}
         with torch.no_grad(), self._exactness_context():
-            for plan in self.plans:
+            for plan in self.plans[start:stop]:
                 out, overflows, outputs = plan.run(env)
                 env[plan.op.output] = out
-                stats[plan.op.name].overflows = overflows
-                stats[plan.op.name].outputs = outputs
+                layer = plan.stats()
+                layer.overflows, layer.outputs = overflows, outputs
+                stats[plan.op.name] = layer
+        return stats
+
+    def run(self, images: torch.Tensor | np.ndarray, record: bool = False) -> SimResult:
+        env = {self.program.input: self.input_carrier(images)}
+        stats = self.execute(env)
         logits = env[self.program.output].to(torch.int64).flatten(1)
         activations = {k: v.to(torch.int64) for k, v in env.items()} if record else {}
         return SimResult(logits=logits, layers=stats, activations=activations)
