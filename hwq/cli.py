@@ -146,11 +146,7 @@ def print_eval(report: dict, results: dict[str, ModeResult]) -> None:
             print(f"    {name:<16} local {diffs['local'][name]:>6g}   end-to-end {diffs['end_to_end'][name]:>6g}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hwq", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"hwq {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="accuracy as float, Brevitas fake-quant and on accel_sim")
     p.add_argument("--ir", help="an IR file (from hwq train or --save-ir) instead of a checkpoint")
     add_model_flags(p)
@@ -162,6 +158,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the results to this JSON file")
     p.add_argument("--save-ir", help="write the lowered integer program to this file")
     p.set_defaults(func=cmd_eval)
+
+
+SUBCOMMANDS = [add_eval_parser]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hwq", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"hwq {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in SUBCOMMANDS:
+        add(sub)
     return parser
 
 

@@ -1,0 +1,34 @@
+# Set-up and entry points. Every target creates or reuses the virtual environment .venv.
+VENV      := .venv
+BIN       := $(VENV)/bin
+STAMP     := $(VENV)/.installed
+SHARED    := ../shared
+DATA      ?= $(if $(wildcard $(SHARED)/data/cifar10-subset),$(SHARED)/data/cifar10-subset,)
+CHECKPOINT ?= $(if $(wildcard $(SHARED)/models/resnet20-12fca82f.th),$(SHARED)/models/resnet20-12fca82f.th,resnet20)
+DATA_FLAG := $(if $(DATA),--data $(DATA),)
+OUT       ?= runs/demo
+
+.PHONY: install test test-slow demo bench lint
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || python3 -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(BIN)/pytest
+
+test-slow: install
+	$(BIN)/pytest -m slow
+
+demo: install
+	$(BIN)/hwq eval --checkpoint $(CHECKPOINT) $(DATA_FLAG) --split val --wbits 4 --abits 8 --json $(OUT)/eval.json
+
+bench: install
+	$(BIN)/python bench/bench_functional.py $(DATA_FLAG) --checkpoint $(CHECKPOINT)
+
+lint: install
+	$(BIN)/ruff check .
