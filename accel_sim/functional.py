@@ -164,7 +164,7 @@ class _RequantPlan:
             res = program.tensors[rq.residual.input]
             lo, hi = rq.residual.channel_pad
             self.res_channels = slice(lo, out.channels - hi)
-            res_mult = rq.residual.mult[self.res_channels]
+            res_mult = rq.residual.mult[self.res_channels] << rq.residual.shift[self.res_channels]
             base[self.res_channels] -= res.zero_points() * res_mult
             res_magnitude = max(abs(res.qmin), abs(res.qmax)) * int(np.abs(res_mult).max(initial=0))
         self.base = base

@@ -110,11 +110,14 @@ class Residual:
     """A second input added in the requantization stage (the ResNet shortcut).
 
     The shortcut tensor is subsampled by `stride` and padded with `channel_pad`
-    channels of its zero point ("option A"); `(q - zero_point) * mult` joins the sum.
+    channels of its zero point ("option A"); `(q - zero_point) * mult * 2**shift` joins
+    the sum. The left shift lets a residual scale far above the accumulator's keep the
+    full multiplier precision without costing the accumulator path its precision.
     """
 
     input: str
     mult: np.ndarray
+    shift: np.ndarray
     stride: int = 1
     channel_pad: tuple[int, int] = (0, 0)
 
@@ -228,12 +231,12 @@ class Program:
             raise IRError(f"rounding mode {self.rounding!r} not in {ROUNDING_MODES}")
         if not 2 <= self.mult_bits <= MAX_MULT_BITS:
             raise IRError(f"mult_bits {self.mult_bits} out of range [2, {MAX_MULT_BITS}]")
+        if self.input not in self.tensors or self.output not in self.tensors:
+            raise IRError("program input or output is not a declared tensor")
         for name, spec in self.tensors.items():
             if name != spec.name:
                 raise IRError(f"tensor table key {name!r} names tensor {spec.name!r}")
             spec.validate(MAX_OUTPUT_BITS if name == self.output else MAX_ACT_BITS)
-        if self.input not in self.tensors or self.output not in self.tensors:
-            raise IRError("program input or output is not a declared tensor")
         if len({op.name for op in self.ops}) != len(self.ops):
             raise IRError("op names are not unique")
         defined = {self.input}
@@ -320,6 +323,9 @@ def _validate_requant(
     _need((rhw, rhw) == out_shape[1:], where, "residual spatial size does not match the output")
     _need(res.mult.shape == (channels,), where, f"residual mult must have {channels} entries")
     _need(bool(np.all(np.abs(res.mult) < mlim)), where, f"residual mult exceeds {program.mult_bits} bits")
+    _need(res.shift.shape == (channels,), where, f"residual shift must have {channels} entries")
+    _need(bool(np.all((res.shift >= 0) & (res.shift <= MAX_SHIFT))), where,
+          f"residual shift outside [0, {MAX_SHIFT}]")
 
 
 # ---------------------------------------------------------------------------------------
@@ -332,6 +338,7 @@ def _requant_to_json(rq: Requant, prefix: str, arrays: dict[str, np.ndarray]) ->
     out: dict[str, Any] = {"residual": None}
     if rq.residual is not None:
         arrays[f"{prefix}.residual_mult"] = rq.residual.mult
+        arrays[f"{prefix}.residual_shift"] = rq.residual.shift
         out["residual"] = {
             "input": rq.residual.input,
             "stride": rq.residual.stride,
@@ -393,6 +400,7 @@ def _requant_from_json(d: dict, prefix: str, arrays: dict[str, np.ndarray]) -> R
         residual = Residual(
             input=str(res["input"]),
             mult=_array(arrays, f"{prefix}.residual_mult"),
+            shift=_array(arrays, f"{prefix}.residual_shift"),
             stride=int(res["stride"]),
             channel_pad=(int(res["channel_pad"][0]), int(res["channel_pad"][1])),
         )
@@ -501,20 +509,23 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def program_digest(program: Program) -> str:
-    """SHA-256 that identifies the program's content (what reports record)."""
+def _encode(program: Program) -> tuple[bytes, dict[str, bytes], str]:
+    """The file's header bytes, array blobs and their digest (one canonical encoding)."""
     header, arrays = program_to_dict(program)
-    blobs = {k: _npy_bytes(_compact(v)) for k, v in arrays.items()}
-    return _digest(json.dumps(header, sort_keys=True).encode(), blobs)
+    blobs = {f"{k}.npy": _npy_bytes(_compact(v)) for k, v in arrays.items()}
+    header_bytes = json.dumps(header, sort_keys=True, indent=1).encode()
+    return header_bytes, blobs, _digest(header_bytes, blobs)
+
+
+def program_digest(program: Program) -> str:
+    """SHA-256 that identifies the program's content: the digest its IR file stores."""
+    return _encode(program)[2]
 
 
 def save_program(program: Program, path: str | os.PathLike) -> str:
     """Validate and write `program` atomically; returns the content digest."""
     program.validate()
-    header, arrays = program_to_dict(program)
-    blobs = {f"{k}.npy": _npy_bytes(_compact(v)) for k, v in arrays.items()}
-    header_bytes = json.dumps(header, sort_keys=True, indent=1).encode()
-    digest = _digest(header_bytes, blobs)
+    header_bytes, blobs, digest = _encode(program)
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         zf.writestr("program.json", header_bytes)

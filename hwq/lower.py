@@ -41,23 +41,31 @@ class Affine:
     shift: np.ndarray
 
 
-def fixed_point(
-    multipliers: list[np.ndarray], mult_bits: int
-) -> tuple[list[np.ndarray], np.ndarray]:
-    """Integer multipliers sharing one right shift per channel, as large as mult_bits allows.
+def fixed_point(multiplier: np.ndarray, mult_bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per channel, the integer M and shift s with M / 2**s closest to `multiplier`, |M| within mult_bits.
 
-    All real multipliers of a channel (conv and residual) get the same shift, chosen from
-    the largest of them, so the integer sum before the shift is exact.
+    The shift is as large as the multiplier allows (at most MAX_SHIFT), so M keeps
+    mult_bits - 1 significant bits; a zero multiplier gets the largest shift.
     """
     limit = (1 << (mult_bits - 1)) - 1
-    largest = np.max(np.abs(np.stack(multipliers)), axis=0)
     with np.errstate(divide="ignore"):
-        shift = np.floor(np.log2(limit / largest))
-    shift = np.clip(np.nan_to_num(shift, posinf=MAX_SHIFT), 0, MAX_SHIFT).astype(np.int64)
-    ints = [np.rint(m * np.exp2(shift)).astype(np.int64) for m in multipliers]
-    if any(np.any(np.abs(i) > limit) for i in ints):
+        shift = np.floor(np.log2(limit / np.abs(multiplier)))
+    shift = np.nan_to_num(shift, posinf=MAX_SHIFT)
+    if np.any(shift < 0):
         raise HwqError(f"a requantization multiplier does not fit in {mult_bits} bits with shift >= 0")
-    return ints, shift
+    shift = np.minimum(shift, MAX_SHIFT).astype(np.int64)
+    return np.rint(multiplier * np.exp2(shift)).astype(np.int64), shift
+
+
+def aligned_residual(multiplier: np.ndarray, shift: np.ndarray, mult_bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """The residual's M and left shift L with M * 2**L / 2**shift closest to `multiplier`.
+
+    The residual operand is small (an activation), so a left shift costs it almost
+    nothing, while the accumulator path keeps the full precision of its own shift.
+    """
+    mantissa, own_shift = fixed_point(multiplier, mult_bits)
+    left = np.maximum(shift - own_shift, 0)
+    return np.rint(multiplier * np.exp2(shift - left)).astype(np.int64), left
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:
@@ -101,16 +109,15 @@ class _Lowering:
 
     def requant(self, affine: Affine, out_scale: float, residual: tuple[TensorSpec, int, int] | None) -> Requant:
         """Fixed-point form of y = affine(acc) [+ residual], measured in units of out_scale."""
-        multipliers = [affine.scale / out_scale]
-        if residual is not None:
-            spec, stride, pad = residual
-            multipliers.append(np.full_like(affine.scale, spec.scale / out_scale))
-        ints, shift = fixed_point(multipliers, self.mult_bits)
+        mult, shift = fixed_point(affine.scale / out_scale, self.mult_bits)
         offset = np.rint(affine.shift / out_scale * np.exp2(shift)).astype(np.int64)
         res = None
         if residual is not None:
-            res = Residual(input=spec.name, mult=ints[1], stride=stride, channel_pad=(pad, pad))
-        return Requant(mult=ints[0], shift=shift, offset=offset, residual=res)
+            spec, stride, pad = residual
+            res_mult, res_shift = aligned_residual(np.full_like(affine.scale, spec.scale / out_scale),
+                                                   shift, self.mult_bits)
+            res = Residual(input=spec.name, mult=res_mult, shift=res_shift, stride=stride, channel_pad=(pad, pad))
+        return Requant(mult=mult, shift=shift, offset=offset, residual=res)
 
     def conv(self, name: str, conv: nn.Module, bn: nn.BatchNorm2d, act: nn.Module,
              x: TensorSpec, residual: tuple[TensorSpec, int, int] | None = None) -> TensorSpec:

@@ -61,3 +61,31 @@ def val_set():
     if HAVE_SHARED:
         return load_split(str(DATA), "val")
     pytest.skip("needs the shared CIFAR-10 subset and checkpoint (../shared)")
+
+
+def write_cifar_batches(root: Path, images_per_batch: int = 40, batches: int = 2, test: bool = True) -> Path:
+    """A CIFAR-10 directory in the official python-batch format, with random images."""
+    import pickle
+
+    import numpy as np
+
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    names = [f"data_batch_{i}" for i in range(1, batches + 1)] + (["test_batch"] if test else [])
+    for name in names:
+        batch = {
+            "data": rng.integers(0, 256, (images_per_batch, 3072), dtype=np.uint8),
+            "labels": rng.integers(0, 10, images_per_batch).tolist(),
+            "batch_label": name,
+        }
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f)
+    return root
+
+
+def write_checkpoint(path: Path, model: ResNetCifar | None = None) -> Path:
+    """A checkpoint in the layout of akamaster/pytorch_resnet_cifar10 (`module.` keys)."""
+    state = (model or random_resnet()).state_dict()
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}, "best_prec1": 0.0}, path)
+    return path

@@ -64,7 +64,7 @@ def requantize(rq: Requant, acc: np.ndarray, out_zp: np.ndarray, qmin: int, qmax
         r = np.zeros_like(v)
         for ch in range(r_in.shape[1]):
             r[:, a + ch] = r_in[:, ch] - r_zp[ch]
-        v = v + r * rq.residual.mult.reshape(1, o_ch, 1, 1)
+        v = v + r * (rq.residual.mult << rq.residual.shift).reshape(1, o_ch, 1, 1)
     out = np.empty_like(v)
     for o in range(o_ch):
         s = int(rq.shift[o])

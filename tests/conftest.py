@@ -1,0 +1,3 @@
+"""pytest fixtures (the helpers themselves live in tests/helpers.py)."""
+
+from .helpers import val_set  # noqa: F401
