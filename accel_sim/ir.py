@@ -56,9 +56,7 @@ class Accumulator:
 
     def validate(self) -> None:
         if not MIN_ACC_BITS <= self.bits <= MAX_ACC_BITS:
-            raise IRError(
-                f"accumulator bits {self.bits} out of range [{MIN_ACC_BITS}, {MAX_ACC_BITS}]"
-            )
+            raise IRError(f"accumulator bits {self.bits} out of range [{MIN_ACC_BITS}, {MAX_ACC_BITS}]")
         if self.overflow not in OVERFLOW_MODES:
             raise IRError(f"accumulator overflow mode {self.overflow!r} not in {OVERFLOW_MODES}")
 
@@ -212,9 +210,7 @@ class Program:
     def with_weights(self, weights: dict[str, np.ndarray]) -> Program:
         """A copy with some conv weights replaced (the trainer's candidate solutions)."""
         ops = [
-            replace(op, weight=np.asarray(weights[op.name], dtype=np.int64))
-            if op.name in weights
-            else op
+            replace(op, weight=np.asarray(weights[op.name], dtype=np.int64)) if op.name in weights else op
             for op in self.ops
         ]
         unknown = set(weights) - {op.name for op in self.ops}
@@ -277,7 +273,9 @@ def _validate_conv(program: Program, op: Conv2d, x: TensorSpec, y: TensorSpec, w
     w = op.weight
     _need(w.ndim == 4 and w.shape[2] == w.shape[3], where, "weight must be (O, C, k, k)")
     _need(w.shape[1] == x.channels, where, f"weight has {w.shape[1]} input channels, input has {x.channels}")
-    _need(w.shape[0] == y.channels, where, f"weight has {w.shape[0]} output channels, output has {y.channels}")
+    _need(
+        w.shape[0] == y.channels, where, f"weight has {w.shape[0]} output channels, output has {y.channels}"
+    )
     _need(op.stride >= 1 and op.padding >= 0, where, "stride must be >= 1 and padding >= 0")
     _need(
         MIN_WEIGHT_BITS <= op.weight_bits <= MAX_WEIGHT_BITS,
@@ -324,8 +322,11 @@ def _validate_requant(
     _need(res.mult.shape == (channels,), where, f"residual mult must have {channels} entries")
     _need(bool(np.all(np.abs(res.mult) < mlim)), where, f"residual mult exceeds {program.mult_bits} bits")
     _need(res.shift.shape == (channels,), where, f"residual shift must have {channels} entries")
-    _need(bool(np.all((res.shift >= 0) & (res.shift <= MAX_SHIFT))), where,
-          f"residual shift outside [0, {MAX_SHIFT}]")
+    _need(
+        bool(np.all((res.shift >= 0) & (res.shift <= MAX_SHIFT))),
+        where,
+        f"residual shift outside [0, {MAX_SHIFT}]",
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -545,11 +546,7 @@ def load_program(path: str | os.PathLike) -> Program:
         with zipfile.ZipFile(path) as zf:
             header_bytes = zf.read("program.json")
             stored = zf.read("sha256").decode().strip()
-            blobs = {
-                n.removeprefix("arrays/"): zf.read(n)
-                for n in zf.namelist()
-                if n.startswith("arrays/")
-            }
+            blobs = {n.removeprefix("arrays/"): zf.read(n) for n in zf.namelist() if n.startswith("arrays/")}
     except (zipfile.BadZipFile, KeyError, OSError, EOFError) as exc:
         raise IRError(f"{path} is not a readable IR file ({exc})") from None
     if _digest(header_bytes, blobs) != stored:
@@ -557,8 +554,7 @@ def load_program(path: str | os.PathLike) -> Program:
     try:
         header = json.loads(header_bytes)
         arrays = {
-            k.removesuffix(".npy"): np.load(io.BytesIO(v), allow_pickle=False)
-            for k, v in blobs.items()
+            k.removesuffix(".npy"): np.load(io.BytesIO(v), allow_pickle=False) for k, v in blobs.items()
         }
     except (ValueError, OSError) as exc:
         raise IRError(f"{path} has unreadable content ({exc})") from None

@@ -32,9 +32,18 @@ MODES = ("float", "brevitas", "accel_sim")
 
 def add_data_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="CIFAR-10 directory (default: $HWQ_DATA, then ~/.cache/hwq/cifar10)")
-    p.add_argument("--split", choices=SPLITS, default="val", help="test = test_batch; train/val partition data_batch_*")
-    p.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION, help="share of training images held out as val")
-    p.add_argument("--split-seed", type=int, default=DEFAULT_SPLIT_SEED, help="seed of the train/val permutation")
+    p.add_argument(
+        "--split", choices=SPLITS, default="val", help="test = test_batch; train/val partition data_batch_*"
+    )
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=DEFAULT_VAL_FRACTION,
+        help="share of training images held out as val",
+    )
+    p.add_argument(
+        "--split-seed", type=int, default=DEFAULT_SPLIT_SEED, help="seed of the train/val permutation"
+    )
     p.add_argument("--limit", type=int, help="evaluate only the first N images of the split")
 
 
@@ -45,13 +54,19 @@ def add_model_flags(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument("--per-channel", action="store_true", help="per-output-channel weight scales")
     p.add_argument("--first-wbits", type=int, help="weight bits of the first conv (default: --wbits)")
     p.add_argument("--last-wbits", type=int, help="weight bits of the classifier (default: --wbits)")
-    p.add_argument("--calibration-images", type=int, default=DEFAULT_CALIBRATION_IMAGES,
-                   help="training images used to calibrate activation scales")
+    p.add_argument(
+        "--calibration-images",
+        type=int,
+        default=DEFAULT_CALIBRATION_IMAGES,
+        help="training images used to calibrate activation scales",
+    )
     p.add_argument("--mult-bits", type=int, default=16, help="requantization multiplier width")
 
 
 def add_accumulator_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--acc-bits", type=int, help="accumulator width (default: the program's, 32 when lowering)")
+    p.add_argument(
+        "--acc-bits", type=int, help="accumulator width (default: the program's, 32 when lowering)"
+    )
     p.add_argument("--overflow", choices=("wrap", "saturate"), help="accumulator overflow mode")
 
 
@@ -84,8 +99,15 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.ir:
         program = load_program(args.ir)
     else:
-        prepared = prepare(args.checkpoint, quant_config(args), args.data, args.calibration_images,
-                           args.val_fraction, args.split_seed, mult_bits=args.mult_bits)
+        prepared = prepare(
+            args.checkpoint,
+            quant_config(args),
+            args.data,
+            args.calibration_images,
+            args.val_fraction,
+            args.split_seed,
+            mult_bits=args.mult_bits,
+        )
         program = prepared.program
     program = program.with_accumulator(accumulator_override(args, program.accumulator))
     if args.save_ir:
@@ -101,11 +123,17 @@ def cmd_eval(args: argparse.Namespace) -> None:
         "command": "eval",
         "hwq_version": __version__,
         "config": {
-            "checkpoint": args.checkpoint, "ir": args.ir, "split": args.split, "n": len(ds),
-            "val_fraction": args.val_fraction, "split_seed": args.split_seed,
+            "checkpoint": args.checkpoint,
+            "ir": args.ir,
+            "split": args.split,
+            "n": len(ds),
+            "val_fraction": args.val_fraction,
+            "split_seed": args.split_seed,
             "accumulator": {"bits": program.accumulator.bits, "overflow": program.accumulator.overflow},
-            "program": {k: program.meta.get(k) for k in ("model", "wbits", "abits", "per_channel",
-                                                          "first_wbits", "last_wbits")},
+            "program": {
+                k: program.meta.get(k)
+                for k in ("model", "wbits", "abits", "per_channel", "first_wbits", "last_wbits")
+            },
             "ir_sha256": program_digest(program),
         },
     }
@@ -113,8 +141,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if "brevitas" in results and "accel_sim" in results:
         agree = float((results["brevitas"].predictions == results["accel_sim"].predictions).float().mean())
         lsb = layer_lsb_differences(prepared.qmodel, program, ds.images[: args.batch_size])
-        report["agreement"] = {"top1_brevitas_vs_accel_sim": agree, "max_lsb_difference": lsb,
-                               "lsb_images": min(args.batch_size, len(ds))}
+        report["agreement"] = {
+            "top1_brevitas_vs_accel_sim": agree,
+            "max_lsb_difference": lsb,
+            "lsb_images": min(args.batch_size, len(ds)),
+        }
     print_eval(report, results)
     if args.json:
         write_json(args.json, report)
@@ -124,16 +155,20 @@ def print_eval(report: dict, results: dict[str, ModeResult]) -> None:
     cfg = report["config"]
     prog = cfg["program"]
     per = "per-channel" if prog["per_channel"] else "per-tensor"
-    print(f"{prog['model']} W{prog['wbits']}A{prog['abits']} ({per} weights), split {cfg['split']}, "
-          f"{cfg['n']} images, accumulator {cfg['accumulator']['bits']}-bit {cfg['accumulator']['overflow']}")
+    print(
+        f"{prog['model']} W{prog['wbits']}A{prog['abits']} ({per} weights), split {cfg['split']}, "
+        f"{cfg['n']} images, accumulator {cfg['accumulator']['bits']}-bit {cfg['accumulator']['overflow']}"
+    )
     for mode, r in results.items():
         print(f"  {mode:<10} {percent(r.accuracy)}  ({r.correct}/{r.n})")
     if "accel_sim" in results:
         layers = results["accel_sim"].layers.values()
         widest = max(layers, key=lambda s: s.worst_case_bits)
         total = sum(s.overflows for s in layers)
-        print(f"  accumulator: worst case {widest.worst_case_bits} bits ({widest.name}); "
-              f"overflowed outputs: {total}")
+        print(
+            f"  accumulator: worst case {widest.worst_case_bits} bits ({widest.name}); "
+            f"overflowed outputs: {total}"
+        )
         for s in layers:
             if s.overflows:
                 print(f"    {s.name:<16} {s.overflows} of {s.outputs} outputs overflowed")
@@ -142,8 +177,8 @@ def print_eval(report: dict, results: dict[str, ModeResult]) -> None:
         print(f"  top-1 agreement brevitas vs accel_sim: {percent(a['top1_brevitas_vs_accel_sim'])}")
         print(f"  max |accel_sim - brevitas| in LSB ({a['lsb_images']} images; local = same inputs):")
         diffs = a["max_lsb_difference"]
-        for name in diffs["local"]:
-            print(f"    {name:<16} local {diffs['local'][name]:>6g}   end-to-end {diffs['end_to_end'][name]:>6g}")
+        for name, local in diffs["local"].items():
+            print(f"    {name:<16} local {local:>6g}   end-to-end {diffs['end_to_end'][name]:>6g}")
 
 
 def add_eval_parser(sub: argparse._SubParsersAction) -> None:

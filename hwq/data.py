@@ -78,7 +78,9 @@ def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     except Exception as exc:  # noqa: BLE001 - a damaged pickle raises anything
         raise HwqError(f"{path} is not a CIFAR-10 python batch ({type(exc).__name__}: {exc})") from None
     if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
-        raise HwqError(f"{path} has data of shape {data.shape} and {len(labels)} labels; expected N x 3072 and N")
+        raise HwqError(
+            f"{path} has data of shape {data.shape} and {len(labels)} labels; expected N x 3072 and N"
+        )
     if labels.size and (labels.min() < 0 or labels.max() > 9):
         raise HwqError(f"{path} has labels outside 0-9")
     return data.reshape(-1, 3, 32, 32), labels

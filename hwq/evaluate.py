@@ -67,7 +67,9 @@ def batches(ds: Dataset, batch_size: int, desc: str) -> Iterator[tuple[torch.Ten
         yield ds.images[s : s + batch_size], ds.labels[s : s + batch_size]
 
 
-def predict(forward: Callable[[torch.Tensor], torch.Tensor], ds: Dataset, batch_size: int, desc: str) -> ModeResult:
+def predict(
+    forward: Callable[[torch.Tensor], torch.Tensor], ds: Dataset, batch_size: int, desc: str
+) -> ModeResult:
     preds = []
     with torch.no_grad():
         for x, _ in batches(ds, batch_size, desc):
@@ -75,7 +77,9 @@ def predict(forward: Callable[[torch.Tensor], torch.Tensor], ds: Dataset, batch_
     return ModeResult(torch.cat(preds) if preds else torch.empty(0, dtype=torch.long), ds.labels)
 
 
-def evaluate_model(model: nn.Module, ds: Dataset, batch_size: int = DEFAULT_BATCH, desc: str = "float") -> ModeResult:
+def evaluate_model(
+    model: nn.Module, ds: Dataset, batch_size: int = DEFAULT_BATCH, desc: str = "float"
+) -> ModeResult:
     return predict(model, ds, batch_size, desc)
 
 
@@ -88,8 +92,9 @@ def add_layer_counts(total: dict[str, LayerStats], batch: dict[str, LayerStats])
             total[name] = stats
 
 
-def evaluate_program(program: Program, ds: Dataset, batch_size: int = DEFAULT_BATCH,
-                     device: str = "cpu") -> ModeResult:
+def evaluate_program(
+    program: Program, ds: Dataset, batch_size: int = DEFAULT_BATCH, device: str = "cpu"
+) -> ModeResult:
     """Accuracy on accel_sim, with overflow counts summed over the whole set."""
     sim = FunctionalSim(program, device=device)
     preds: list[torch.Tensor] = []
@@ -104,15 +109,19 @@ def evaluate_program(program: Program, ds: Dataset, batch_size: int = DEFAULT_BA
     return result
 
 
-def brevitas_activations(qmodel: ResNetCifar, program: Program, images: torch.Tensor) -> dict[str, np.ndarray]:
+def brevitas_activations(
+    qmodel: ResNetCifar, program: Program, images: torch.Tensor
+) -> dict[str, np.ndarray]:
     """Brevitas' activations in integer units of the IR tensor they correspond to."""
     sources = program.meta.get("sources", {})
     captured: dict[str, torch.Tensor] = {}
     modules = dict(qmodel.named_modules())
     hooks = []
     for tensor, module in sources.items():
+
         def hook(_m, _inp, out, tensor=tensor):
             captured[tensor] = out.value if hasattr(out, "value") else out
+
         hooks.append(modules[module].register_forward_hook(hook))
     try:
         with torch.no_grad():
@@ -128,7 +137,9 @@ def brevitas_activations(qmodel: ResNetCifar, program: Program, images: torch.Te
     return out
 
 
-def layer_lsb_differences(qmodel: ResNetCifar, program: Program, images: torch.Tensor) -> dict[str, dict[str, float]]:
+def layer_lsb_differences(
+    qmodel: ResNetCifar, program: Program, images: torch.Tensor
+) -> dict[str, dict[str, float]]:
     """Largest |accel_sim - Brevitas| per tensor, in LSBs of that tensor.
 
     `local`: each op run on Brevitas' own input activations, so only that op's datapath
@@ -162,9 +173,16 @@ class Prepared:
     program: Program
 
 
-def prepare(checkpoint: str, cfg: QuantConfig, data: str | None, calibration_images: int = DEFAULT_CALIBRATION_IMAGES,
-            val_fraction: float = 0.2, split_seed: int = 0, accumulator: Accumulator | None = None,
-            mult_bits: int = 16) -> Prepared:
+def prepare(
+    checkpoint: str,
+    cfg: QuantConfig,
+    data: str | None,
+    calibration_images: int = DEFAULT_CALIBRATION_IMAGES,
+    val_fraction: float = 0.2,
+    split_seed: int = 0,
+    accumulator: Accumulator | None = None,
+    mult_bits: int = 16,
+) -> Prepared:
     """Load a float checkpoint, quantize and calibrate it, and lower it to an IR program."""
     cfg.validate()
     float_model = load_float_model(checkpoint)
@@ -173,6 +191,10 @@ def prepare(checkpoint: str, cfg: QuantConfig, data: str | None, calibration_ima
     calibrate(qmodel, calib)
     program = lower(qmodel, cfg, accumulator=accumulator, mult_bits=mult_bits)
     program.meta["checkpoint_sha256"] = float_model.checkpoint_sha256
-    program.meta["calibration"] = {"split": "train", "images": len(calib), "split_seed": split_seed,
-                                   "val_fraction": val_fraction}
+    program.meta["calibration"] = {
+        "split": "train",
+        "images": len(calib),
+        "split_seed": split_seed,
+        "val_fraction": val_fraction,
+    }
     return Prepared(float_model, qmodel, program)

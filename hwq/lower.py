@@ -57,7 +57,9 @@ def fixed_point(multiplier: np.ndarray, mult_bits: int) -> tuple[np.ndarray, np.
     return np.rint(multiplier * np.exp2(shift)).astype(np.int64), shift
 
 
-def aligned_residual(multiplier: np.ndarray, shift: np.ndarray, mult_bits: int) -> tuple[np.ndarray, np.ndarray]:
+def aligned_residual(
+    multiplier: np.ndarray, shift: np.ndarray, mult_bits: int
+) -> tuple[np.ndarray, np.ndarray]:
     """The residual's M and left shift L with M * 2**L / 2**shift closest to `multiplier`.
 
     The residual operand is small (an activation), so a left shift costs it almost
@@ -101,26 +103,45 @@ class _Lowering:
         self.ops: list[Conv2d | GlobalAvgPool] = []
         self.sources: dict[str, str] = {}
 
-    def add_tensor(self, name: str, shape: tuple[int, int, int], bits: int, signed: bool,
-                   scale: float, zero_point: tuple[int, ...] = (0,)) -> TensorSpec:
+    def add_tensor(
+        self,
+        name: str,
+        shape: tuple[int, int, int],
+        bits: int,
+        signed: bool,
+        scale: float,
+        zero_point: tuple[int, ...] = (0,),
+    ) -> TensorSpec:
         spec = TensorSpec(name, shape, bits, signed, zero_point, scale)
         self.tensors[name] = spec
         return spec
 
-    def requant(self, affine: Affine, out_scale: float, residual: tuple[TensorSpec, int, int] | None) -> Requant:
+    def requant(
+        self, affine: Affine, out_scale: float, residual: tuple[TensorSpec, int, int] | None
+    ) -> Requant:
         """Fixed-point form of y = affine(acc) [+ residual], measured in units of out_scale."""
         mult, shift = fixed_point(affine.scale / out_scale, self.mult_bits)
         offset = np.rint(affine.shift / out_scale * np.exp2(shift)).astype(np.int64)
         res = None
         if residual is not None:
             spec, stride, pad = residual
-            res_mult, res_shift = aligned_residual(np.full_like(affine.scale, spec.scale / out_scale),
-                                                   shift, self.mult_bits)
-            res = Residual(input=spec.name, mult=res_mult, shift=res_shift, stride=stride, channel_pad=(pad, pad))
+            res_mult, res_shift = aligned_residual(
+                np.full_like(affine.scale, spec.scale / out_scale), shift, self.mult_bits
+            )
+            res = Residual(
+                input=spec.name, mult=res_mult, shift=res_shift, stride=stride, channel_pad=(pad, pad)
+            )
         return Requant(mult=mult, shift=shift, offset=offset, residual=res)
 
-    def conv(self, name: str, conv: nn.Module, bn: nn.BatchNorm2d, act: nn.Module,
-             x: TensorSpec, residual: tuple[TensorSpec, int, int] | None = None) -> TensorSpec:
+    def conv(
+        self,
+        name: str,
+        conv: nn.Module,
+        bn: nn.BatchNorm2d,
+        act: nn.Module,
+        x: TensorSpec,
+        residual: tuple[TensorSpec, int, int] | None = None,
+    ) -> TensorSpec:
         w, w_scale = weight_ints_and_scale(conv)
         bn_map = batchnorm_affine(bn)
         affine = Affine(scale=bn_map.scale * w_scale * x.scale, shift=bn_map.shift)
@@ -128,11 +149,19 @@ class _Lowering:
         stride, padding = conv.stride[0], conv.padding[0]
         hw = (x.shape[1] + 2 * padding - w.shape[2]) // stride + 1
         y = self.add_tensor(name, (w.shape[0], hw, hw), self.cfg.abits, False, out_scale)
-        self.ops.append(Conv2d(
-            name=name, input=x.name, output=y.name, weight=w, weight_bits=int(conv.weight_quant.bit_width()),
-            bias=np.zeros(w.shape[0], dtype=np.int64), stride=stride, padding=padding,
-            requant=self.requant(affine, out_scale, residual),
-        ))
+        self.ops.append(
+            Conv2d(
+                name=name,
+                input=x.name,
+                output=y.name,
+                weight=w,
+                weight_bits=int(conv.weight_quant.bit_width()),
+                bias=np.zeros(w.shape[0], dtype=np.int64),
+                stride=stride,
+                padding=padding,
+                requant=self.requant(affine, out_scale, residual),
+            )
+        )
         return y
 
     def block(self, prefix: str, block: BasicBlock, x: TensorSpec) -> TensorSpec:
@@ -156,11 +185,19 @@ class _Lowering:
         bias = np.rint(to_numpy(linear.bias) / acc_scale).astype(np.int64)
         logit_scale = float(acc_scale.max())
         logits = self.add_tensor("logits", (w.shape[0], 1, 1), LOGIT_BITS, True, logit_scale)
-        self.ops.append(Conv2d(
-            name="fc", input=pooled.name, output=logits.name, weight=w[:, :, None, None],
-            weight_bits=int(linear.weight_quant.bit_width()), bias=bias, stride=1, padding=0,
-            requant=self.requant(Affine(acc_scale, np.zeros_like(acc_scale)), logit_scale, None),
-        ))
+        self.ops.append(
+            Conv2d(
+                name="fc",
+                input=pooled.name,
+                output=logits.name,
+                weight=w[:, :, None, None],
+                weight_bits=int(linear.weight_quant.bit_width()),
+                bias=bias,
+                stride=1,
+                padding=0,
+                requant=self.requant(Affine(acc_scale, np.zeros_like(acc_scale)), logit_scale, None),
+            )
+        )
         return logits
 
     def run(self) -> Program:
@@ -173,8 +210,12 @@ class _Lowering:
                 x = self.block(f"layer{s}.{b}", block, x)
         logits = self.head(x)
         return Program(
-            tensors=self.tensors, ops=self.ops, input=image.name, output=logits.name,
-            accumulator=Accumulator(), mult_bits=self.mult_bits,
+            tensors=self.tensors,
+            ops=self.ops,
+            input=image.name,
+            output=logits.name,
+            accumulator=Accumulator(),
+            mult_bits=self.mult_bits,
             meta={
                 "model": f"resnet{m.depth}",
                 "depth": m.depth,

@@ -140,8 +140,14 @@ class QuantLayers:
     def conv(self, cin: int, cout: int, stride: int, first: bool = False) -> nn.Module:
         bits = self.cfg.stem_wbits if first else self.cfg.wbits
         return qnn.QuantConv2d(
-            cin, cout, 3, stride=stride, padding=1, bias=False,
-            weight_quant=self.weight_quant, weight_bit_width=bits,
+            cin,
+            cout,
+            3,
+            stride=stride,
+            padding=1,
+            bias=False,
+            weight_quant=self.weight_quant,
+            weight_bit_width=bits,
         )
 
     def relu(self) -> nn.Module:
@@ -154,8 +160,12 @@ class QuantLayers:
 
     def linear(self, cin: int, cout: int) -> nn.Module:
         return qnn.QuantLinear(
-            cin, cout, bias=True, weight_quant=self.weight_quant,
-            weight_bit_width=self.cfg.head_wbits, bias_quant=Int32Bias,
+            cin,
+            cout,
+            bias=True,
+            weight_quant=self.weight_quant,
+            weight_bit_width=self.cfg.head_wbits,
+            bias_quant=Int32Bias,
         )
 
 
@@ -179,7 +189,9 @@ class BasicBlock(nn.Module):
 class ResNetCifar(nn.Module):
     """Module names follow akamaster/pytorch_resnet_cifar10, so its checkpoints load as-is."""
 
-    def __init__(self, depth: int = 20, num_classes: int = 10, layers: FloatLayers | QuantLayers | None = None):
+    def __init__(
+        self, depth: int = 20, num_classes: int = 10, layers: FloatLayers | QuantLayers | None = None
+    ):
         super().__init__()
         if depth not in DEPTHS:
             raise HwqError(f"ResNet depth {depth} is not one of {DEPTHS}")
@@ -193,7 +205,10 @@ class ResNetCifar(nn.Module):
         cin = STAGE_WIDTHS[0]
         for stage, width in enumerate(STAGE_WIDTHS, start=1):
             stride = 1 if stage == 1 else 2
-            seq = [BasicBlock(layers, cin if i == 0 else width, width, stride if i == 0 else 1) for i in range(blocks)]
+            seq = [
+                BasicBlock(layers, cin if i == 0 else width, width, stride if i == 0 else 1)
+                for i in range(blocks)
+            ]
             setattr(self, f"layer{stage}", nn.Sequential(*seq))
             cin = width
         self.head_act = layers.head_act()
@@ -233,7 +248,9 @@ def resolve_checkpoint(spec: str) -> Path:
         try:
             torch.hub.download_url_to_file(url, str(target), hash_prefix=sha_prefix, progress=True)
         except Exception as exc:  # noqa: BLE001 - any network failure means the same to the user
-            raise HwqError(f"cannot download checkpoint {spec} from {url} ({exc}); pass a local path") from None
+            raise HwqError(
+                f"cannot download checkpoint {spec} from {url} ({exc}); pass a local path"
+            ) from None
     return target
 
 
@@ -250,7 +267,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
-        raise HwqError(f"cannot read checkpoint {path}: not a PyTorch checkpoint ({type(exc).__name__})") from None
+        raise HwqError(
+            f"cannot read checkpoint {path}: not a PyTorch checkpoint ({type(exc).__name__})"
+        ) from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

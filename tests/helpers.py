@@ -41,7 +41,9 @@ def float_model() -> ResNetCifar:
 def calibration_images() -> torch.Tensor:
     if HAVE_SHARED:
         return load_split(str(DATA), "train").images[:256]
-    return torch.randint(0, 256, (256, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    return torch.randint(
+        0, 256, (256, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1)
+    )
 
 
 @functools.cache

@@ -44,15 +44,24 @@ def conv_accumulate(op: Conv2d, x: np.ndarray, zp: np.ndarray, acc: Accumulator)
     for c in range(c_ch):
         for i in range(k):
             for j in range(k):
-                window = xp[:, c, i : i + op.stride * h_out : op.stride, j : j + op.stride * w_out : op.stride]
+                window = xp[
+                    :, c, i : i + op.stride * h_out : op.stride, j : j + op.stride * w_out : op.stride
+                ]
                 for o in range(o_ch):
                     product = op.weight[o, c, i, j] * window
                     result[:, o] = overflow(result[:, o] + product, acc)
     return result
 
 
-def requantize(rq: Requant, acc: np.ndarray, out_zp: np.ndarray, qmin: int, qmax: int,
-               program: Program, tensors: dict[str, np.ndarray]) -> np.ndarray:
+def requantize(
+    rq: Requant,
+    acc: np.ndarray,
+    out_zp: np.ndarray,
+    qmin: int,
+    qmax: int,
+    program: Program,
+    tensors: dict[str, np.ndarray],
+) -> np.ndarray:
     o_ch = acc.shape[1]
     v = acc * rq.mult.reshape(1, o_ch, 1, 1) + rq.offset.reshape(1, o_ch, 1, 1)
     if rq.residual is not None:
@@ -73,7 +82,9 @@ def requantize(rq: Requant, acc: np.ndarray, out_zp: np.ndarray, qmin: int, qmax
     return out
 
 
-def run_reference(program: Program, images: np.ndarray, accumulator: Accumulator | None = None) -> dict[str, np.ndarray]:
+def run_reference(
+    program: Program, images: np.ndarray, accumulator: Accumulator | None = None
+) -> dict[str, np.ndarray]:
     """Every tensor of the program for `images` (uint8, N x C x H x W), as int64 arrays."""
     acc = accumulator or program.accumulator
     tensors = {program.input: np.asarray(images, dtype=np.int64)}
@@ -86,6 +97,7 @@ def run_reference(program: Program, images: np.ndarray, accumulator: Accumulator
             a = (x - x_spec.zero_points().reshape(1, -1, 1, 1)).sum(axis=(2, 3), keepdims=True)
         else:
             raise TypeError(op)
-        tensors[op.output] = requantize(op.requant, a, y_spec.zero_points(), y_spec.qmin, y_spec.qmax,
-                                        program, tensors)
+        tensors[op.output] = requantize(
+            op.requant, a, y_spec.zero_points(), y_spec.qmin, y_spec.qmax, program, tensors
+        )
     return tensors

@@ -18,7 +18,9 @@ FLOAT_ACCURACY_ON_SUBSET = 0.997
 
 def test_float_model_reproduces_the_checkpoint_accuracy():
     train, val = load_split(str(DATA), "train"), load_split(str(DATA), "val")
-    correct = evaluate_model(float_model(), train, 250).correct + evaluate_model(float_model(), val, 250).correct
+    correct = (
+        evaluate_model(float_model(), train, 250).correct + evaluate_model(float_model(), val, 250).correct
+    )
     assert correct / (len(train) + len(val)) == pytest.approx(FLOAT_ACCURACY_ON_SUBSET, abs=0.001)
 
 
@@ -28,8 +30,11 @@ def test_w8a8_on_accel_sim_is_within_one_point_of_float(val_set):
     assert abs(sim_acc - float_acc) <= 0.01
 
 
-@pytest.mark.parametrize("cfg", [QuantConfig(8, 8), QuantConfig(4, 8), QuantConfig(4, 8, per_channel=True)],
-                         ids=["W8A8", "W4A8", "W4A8-per-channel"])
+@pytest.mark.parametrize(
+    "cfg",
+    [QuantConfig(8, 8), QuantConfig(4, 8), QuantConfig(4, 8, per_channel=True)],
+    ids=["W8A8", "W4A8", "W4A8-per-channel"],
+)
 def test_accel_sim_agrees_with_brevitas(cfg, val_set):
     brevitas = evaluate_model(brevitas_model(cfg), val_set)
     sim = evaluate_program(program_for(cfg), val_set)

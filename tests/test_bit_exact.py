@@ -52,6 +52,14 @@ def test_narrow_accumulator_overflows_and_is_counted(overflow):
     assert not torch.equal(result.logits, wide.logits)
 
 
+def test_compiled_requant_equals_reference():
+    program = program_for(QuantConfig(4, 8, per_channel=True))
+    got = FunctionalSim(program, compile=True).run(images(), record=True)
+    want = run_reference(program, images().numpy())
+    for name, ref in want.items():
+        np.testing.assert_array_equal(got.activations[name].numpy(), ref, err_msg=f"tensor {name}")
+
+
 def test_forced_int64_paths_agree_with_fast_paths():
     program = program_for(QuantConfig(8, 16)).with_accumulator(Accumulator(20, "saturate"))
     fast = FunctionalSim(program).run(images(8), record=True)

@@ -27,8 +27,24 @@ def test_eval_all_modes_writes_json_and_ir_reproduces_it(workspace):
     root, data, checkpoint = workspace
     common = ["--data", data, "--split", "val", "--limit", "20", "--batch-size", "8"]
     out, ir = root / "eval.json", root / "w4a8.ir"
-    assert run_eval("--checkpoint", checkpoint, "--wbits", "4", "--abits", "8", *common,
-                    "--json", str(out), "--save-ir", str(ir), "--calibration-images", "32") == 0
+    assert (
+        run_eval(
+            "--checkpoint",
+            checkpoint,
+            "--wbits",
+            "4",
+            "--abits",
+            "8",
+            *common,
+            "--json",
+            str(out),
+            "--save-ir",
+            str(ir),
+            "--calibration-images",
+            "32",
+        )
+        == 0
+    )
     report = json.loads(out.read_text())
     for mode in ("float", "brevitas", "accel_sim"):
         assert report[mode]["n"] == 20
@@ -46,9 +62,31 @@ def test_eval_all_modes_writes_json_and_ir_reproduces_it(workspace):
 def test_accumulator_override_counts_overflows(workspace):
     root, data, checkpoint = workspace
     out = root / "narrow.json"
-    assert run_eval("--checkpoint", checkpoint, "--wbits", "8", "--abits", "8", "--data", data, "--limit", "8",
-                    "--mode", "accel_sim", "--acc-bits", "10", "--overflow", "saturate", "--json", str(out),
-                    "--calibration-images", "16") == 0
+    assert (
+        run_eval(
+            "--checkpoint",
+            checkpoint,
+            "--wbits",
+            "8",
+            "--abits",
+            "8",
+            "--data",
+            data,
+            "--limit",
+            "8",
+            "--mode",
+            "accel_sim",
+            "--acc-bits",
+            "10",
+            "--overflow",
+            "saturate",
+            "--json",
+            str(out),
+            "--calibration-images",
+            "16",
+        )
+        == 0
+    )
     report = json.loads(out.read_text())
     assert report["config"]["accumulator"] == {"bits": 10, "overflow": "saturate"}
     assert sum(report["accel_sim"]["overflows"].values()) > 0
@@ -71,7 +109,16 @@ def test_bad_inputs_give_one_line_errors(workspace, capsys, tmp_path):
     cases = {
         "not a PyTorch checkpoint": ["--checkpoint", str(corrupt), *q, "--data", data],
         "does not exist": ["--checkpoint", checkpoint, *q, "--data", str(tmp_path / "missing")],
-        "--wbits 1 is out of range": ["--checkpoint", checkpoint, "--wbits", "1", "--abits", "8", "--data", data],
+        "--wbits 1 is out of range": [
+            "--checkpoint",
+            checkpoint,
+            "--wbits",
+            "1",
+            "--abits",
+            "8",
+            "--data",
+            data,
+        ],
         "accumulator bits 4": ["--checkpoint", checkpoint, *q, "--data", data, "--acc-bits", "4"],
         "not a readable IR file": ["--ir", str(tampered), "--data", data],
         "exactly one of --checkpoint or --ir": ["--data", data],
