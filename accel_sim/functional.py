@@ -51,17 +51,21 @@ class AccumulatorBound:
     def bits(self) -> int:
         return signed_bits(int(self.lo.min()), int(self.hi.max()))
 
+    @property
+    def acc_magnitude(self) -> int:
+        return max(-int(self.lo.min()), int(self.hi.max()))
+
     def fits(self, acc: Accumulator) -> bool:
         return int(self.lo.min()) >= acc.lo and int(self.hi.max()) <= acc.hi
 
 
-def accumulator_bound(op: Conv2d, x: TensorSpec) -> AccumulatorBound:
-    w = op.weight.astype(np.int64)
-    zp = x.zero_points()
-    init = op.bias - np.einsum("ocij,c->o", w, zp)
+def accumulator_bound(weight: np.ndarray, bias: np.ndarray, x: TensorSpec) -> AccumulatorBound:
+    """Bound of a conv with `weight` (..., O, C, k, k): any leading dims are candidates."""
+    w = weight.astype(np.int64)
+    init = bias - np.einsum("...ocij,c->...o", w, x.zero_points())
     at_lo, at_hi = w * x.qmin, w * x.qmax
-    pos = np.maximum(np.maximum(at_lo, at_hi), 0).reshape(len(w), -1).sum(1)
-    neg = np.minimum(np.minimum(at_lo, at_hi), 0).reshape(len(w), -1).sum(1)
+    pos = np.maximum(np.maximum(at_lo, at_hi), 0).sum(axis=(-3, -2, -1))
+    neg = np.minimum(np.minimum(at_lo, at_hi), 0).sum(axis=(-3, -2, -1))
     magnitude = int(max(pos.max(initial=0), -neg.min(initial=0)))
     return AccumulatorBound(init=init, lo=init + neg, hi=init + pos, product_magnitude=magnitude)
 
@@ -217,6 +221,10 @@ class _RequantPlan:
             + int(np.abs(self.init_term).max(initial=0))
         )
         self.dtype = torch.int64 if force_int64 or worst >= FLOAT64_EXACT else torch.float64
+        headroom = FLOAT64_EXACT - 1 - res_magnitude - int(np.abs(base).max())
+        self.exact_acc_limit = (
+            headroom // max(int(np.abs(rq.mult).max()), 1) if self.dtype == torch.float64 else None
+        )
         self.fused = fuse and self.dtype == torch.float64 and self.carrier == torch.float32
         if self.dtype == torch.float64:
             scale = np.exp2(-rq.shift.astype(np.float64))
@@ -236,22 +244,22 @@ class _RequantPlan:
             if rq.residual is not None:
                 self.rm = _channel_view(res_mult, torch.int64, device)
 
-    def residual_input(self, env: dict[str, torch.Tensor]) -> torch.Tensor:
+    def subsampled(self, residual: torch.Tensor) -> torch.Tensor:
         stride = self.residual.stride
-        return env[self.residual.input][:, :, ::stride, ::stride]
+        return residual[:, :, ::stride, ::stride]
 
-    def apply(self, acc: torch.Tensor, env: dict[str, torch.Tensor], with_init: bool) -> torch.Tensor:
+    def apply(self, acc: torch.Tensor, residual: torch.Tensor | None, with_init: bool) -> torch.Tensor:
         """Requantize `acc`; `with_init` says the accumulator's initial value is not in it yet.
 
         The result comes back in the output's carrier dtype. The clamp runs after that cast,
         which is safe because the cast is monotonic and the clamp range is exact in it.
         """
         if self.fused:
-            return self.apply_fused(acc, env, with_init)
+            return self.apply_fused(acc, residual, with_init)
         v = acc.to(self.dtype)
         torch.addcmul(self.add_with_init if with_init else self.add_plain, v, self.m, out=v)
         if self.residual is not None:
-            r = self.residual_input(env)
+            r = self.subsampled(residual)
             v[:, self.res_channels].addcmul_(r if self.dtype == torch.float64 else r.to(torch.int64), self.rm)
         if self.dtype == torch.float64:
             v.floor_()
@@ -259,7 +267,7 @@ class _RequantPlan:
             v.bitwise_right_shift_(self.s)
         return v.to(self.carrier).clamp_(self.qmin, self.qmax)
 
-    def apply_fused(self, acc: torch.Tensor, env: dict[str, torch.Tensor], with_init: bool) -> torch.Tensor:
+    def apply_fused(self, acc: torch.Tensor, residual: torch.Tensor | None, with_init: bool) -> torch.Tensor:
         add = self.add_with_init if with_init else self.add_plain
         if self.residual is None:
             return compiled_requant()(acc, add, self.m, None, None, (0, 0), self.qmin, self.qmax)
@@ -267,7 +275,7 @@ class _RequantPlan:
             acc,
             add,
             self.m,
-            self.residual_input(env),
+            self.subsampled(residual),
             self.rm_padded,
             self.residual.channel_pad,
             self.qmin,
@@ -275,21 +283,27 @@ class _RequantPlan:
         )
 
 
+def residual_of(plan: _ConvPlan | _PoolPlan, env: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    res = plan.requant.residual
+    return None if res is None else env[res.input]
+
+
 class _ConvPlan:
     def __init__(self, op: Conv2d, program: Program, device: torch.device, force_int64: bool, fuse: bool):
         x = program.tensors[op.input]
         self.op = op
         self.acc = program.accumulator
-        self.bound = accumulator_bound(op, x)
+        self.bound = accumulator_bound(op.weight, op.bias, x)
         self.no_overflow = self.bound.fits(self.acc)
         self.input_signed = x.qmin < 0
+        self.x_spec = x
         self.dtype = torch.int64 if force_int64 else arithmetic_for(self.bound.product_magnitude)
         self.weight = self.to_device(op.weight, self.dtype, device)
         self.weight_long = torch.as_tensor(op.weight, dtype=torch.int64, device=device)
         self.init = _as_long(self.bound.init, device).view(1, -1, 1, 1)
         zp = x.zero_points()
         self.zero_point = _as_long(zp, device) if np.any(zp != 0) else None
-        acc_magnitude = max(-int(self.bound.lo.min()), int(self.bound.hi.max()))
+        acc_magnitude = self.bound.acc_magnitude
         if not self.no_overflow:
             acc_magnitude = 1 << (self.acc.bits - 1)
         self.requant = _RequantPlan(
@@ -325,16 +339,46 @@ class _ConvPlan:
     def conv(self, x: torch.Tensor, w: torch.Tensor, pad: int) -> torch.Tensor:
         return exact_conv(x, w, self.op.stride, pad)
 
+    def candidate_accumulators(
+        self, x: torch.Tensor, weights: np.ndarray, shared_input: bool
+    ) -> torch.Tensor | None:
+        """Accumulators (P*N, O, H, W) of P candidate weight sets (P, O, C, k, k) at once.
+
+        The input is either one batch (N, ...) shared by all candidates or one batch per
+        candidate (P*N, ...), which becomes a grouped convolution. None when the fast path
+        cannot prove exactness for every candidate (the caller replays them one by one).
+        """
+        p, o = weights.shape[:2]
+        bound = accumulator_bound(weights, self.op.bias, self.x_spec)
+        limit = self.requant.exact_acc_limit
+        if not bound.fits(self.acc) or (limit is not None and bound.acc_magnitude > limit):
+            return None
+        dtype = arithmetic_for(max(bound.product_magnitude, bound.acc_magnitude))
+        if dtype == torch.int64 or self.dtype == torch.int64:
+            return None
+        w = torch.as_tensor(weights, device=self.weight.device).to(dtype).reshape(p * o, *weights.shape[2:])
+        xp, pad = self.padded_input(x)
+        if shared_input:
+            y = F.conv2d(xp.to(dtype), w, stride=self.op.stride, padding=pad)
+        else:
+            n = xp.shape[0] // p
+            grouped = xp.reshape(p, n, *xp.shape[1:]).transpose(0, 1).reshape(n, -1, *xp.shape[2:])
+            y = F.conv2d(grouped.to(dtype), w, stride=self.op.stride, padding=pad, groups=p)
+        n = y.shape[0]
+        y = y.reshape(n, p, o, *y.shape[2:]).transpose(0, 1)
+        y = y + torch.as_tensor(bound.init, device=y.device).to(dtype).view(p, 1, o, 1, 1)
+        return y.reshape(p * n, o, *y.shape[3:]).contiguous(memory_format=torch.channels_last)
+
     def run(self, env: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, int]:
         xp, pad = self.padded_input(env[self.op.input])
         if self.no_overflow:
             acc = self.conv(xp, self.weight, pad)
-            return self.requant.apply(acc, env, with_init=True), 0, acc.numel()
+            return self.requant.apply(acc, residual_of(self, env), with_init=True), 0, acc.numel()
         if self.acc.overflow == "wrap":
             acc, overflows = self.wrapped(xp, pad)
         else:
             acc, overflows = self.saturated(xp, pad)
-        return self.requant.apply(acc, env, with_init=False), overflows, acc.numel()
+        return self.requant.apply(acc, residual_of(self, env), with_init=False), overflows, acc.numel()
 
     def wrapped(self, xp: torch.Tensor, pad: int) -> tuple[torch.Tensor, int]:
         exact = self.conv(xp, self.weight, pad).to(torch.int64) + self.init
@@ -400,7 +444,7 @@ class _PoolPlan:
 
     def run(self, env: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, int]:
         total = env[self.op.input].to(self.requant.dtype).sum(dim=(2, 3), keepdim=True)
-        return self.requant.apply(total, env, with_init=True), 0, total.numel()
+        return self.requant.apply(total, None, with_init=True), 0, total.numel()
 
 
 def _plan(
@@ -470,6 +514,48 @@ class FunctionalSim:
                 layer.overflows, layer.outputs = overflows, outputs
                 stats[plan.op.name] = layer
         return stats
+
+    def run_population(
+        self, env: dict[str, torch.Tensor], start: int, candidates: dict[str, np.ndarray]
+    ) -> torch.Tensor | None:
+        """Logits (P, N, classes) of P candidates that differ from the program only in the
+        weights of the conv ops named in `candidates` (each (P, O, C, k, k)).
+
+        `env` holds the program's own activations of N images for every tensor an op from
+        `start` on reads before it is recomputed: the cache that makes fitness incremental.
+        Returns None when exactness cannot be proved for the batched form (a candidate
+        might overflow the accumulator); run such candidates with `with_weights` instead.
+        """
+        population = len(next(iter(candidates.values())))
+        tensors = dict(env)
+        per_candidate: set[str] = set()
+
+        def matched(name: str) -> torch.Tensor:
+            t = tensors[name]
+            return t if name in per_candidate else t.repeat(population, 1, 1, 1)
+
+        with torch.no_grad(), self._exactness_context():
+            for plan in self.plans[start:]:
+                op = plan.op
+                res = plan.requant.residual
+                inputs = [op.input] + ([res.input] if res is not None else [])
+                if op.name in candidates:
+                    acc = plan.candidate_accumulators(
+                        tensors[op.input], candidates[op.name], op.input not in per_candidate
+                    )
+                    if acc is None:
+                        return None
+                    out = plan.requant.apply(acc, matched(res.input) if res else None, with_init=False)
+                elif any(name in per_candidate for name in inputs):
+                    out = plan.run({name: matched(name) for name in inputs})[0]
+                else:
+                    out = plan.run(tensors)[0]
+                    tensors[op.output] = out
+                    continue
+                tensors[op.output] = out
+                per_candidate.add(op.output)
+        logits = tensors[self.program.output].to(torch.int64)
+        return logits.reshape(population, -1, logits.shape[1])
 
     def run(self, images: torch.Tensor | np.ndarray, record: bool = False) -> SimResult:
         env = {self.program.input: self.input_carrier(images)}

@@ -102,6 +102,7 @@ class _Lowering:
         self.tensors: dict[str, TensorSpec] = {}
         self.ops: list[Conv2d | GlobalAvgPool] = []
         self.sources: dict[str, str] = {}
+        self.weight_sources: dict[str, str] = {}
 
     def add_tensor(
         self,
@@ -149,6 +150,7 @@ class _Lowering:
         stride, padding = conv.stride[0], conv.padding[0]
         hw = (x.shape[1] + 2 * padding - w.shape[2]) // stride + 1
         y = self.add_tensor(name, (w.shape[0], hw, hw), self.cfg.abits, False, out_scale)
+        self.weight_sources[name] = name
         self.ops.append(
             Conv2d(
                 name=name,
@@ -185,6 +187,7 @@ class _Lowering:
         bias = np.rint(to_numpy(linear.bias) / acc_scale).astype(np.int64)
         logit_scale = float(acc_scale.max())
         logits = self.add_tensor("logits", (w.shape[0], 1, 1), LOGIT_BITS, True, logit_scale)
+        self.weight_sources["fc"] = "linear"
         self.ops.append(
             Conv2d(
                 name="fc",
@@ -226,6 +229,7 @@ class _Lowering:
                 "last_wbits": self.cfg.head_wbits,
                 "input": "raw uint8 RGB; per-channel normalization folded into conv1",
                 "sources": self.sources,
+                "weight_sources": self.weight_sources,
                 "hwq_version": __version__,
             },
         )

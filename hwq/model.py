@@ -17,6 +17,7 @@ import brevitas.nn as qnn
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from brevitas.inject.enum import ScalingImplType
 from brevitas.quant import (
     Int8WeightPerChannelFloat,
     Int8WeightPerTensorFloat,
@@ -128,11 +129,17 @@ class FloatLayers:
 
 
 class QuantLayers:
-    """Layer factory for the Brevitas network at the bit widths of a QuantConfig."""
+    """Layer factory for the Brevitas network at the bit widths of a QuantConfig.
+
+    Weight scales come from the weights' statistics once (max |w|, as Brevitas' default)
+    and are then parameters: editing the weights later (the trainer's candidates) keeps
+    the scale, so integer weights written back come out as the same integers.
+    """
 
     def __init__(self, cfg: QuantConfig) -> None:
         self.cfg = cfg
-        self.weight_quant = Int8WeightPerChannelFloat if cfg.per_channel else Int8WeightPerTensorFloat
+        base = Int8WeightPerChannelFloat if cfg.per_channel else Int8WeightPerTensorFloat
+        self.weight_quant = base.let(scaling_impl_type=ScalingImplType.PARAMETER_FROM_STATS)
 
     def input_transform(self) -> nn.Module:
         return SubtractZeroPoint()

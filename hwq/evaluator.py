@@ -1,0 +1,200 @@
+"""Fitness evaluators: the only thing the search knows about the hardware model.
+
+An evaluator holds a batch of training images and the current best solution (the
+context), and scores candidate weight sets that differ from it in a few layers. The CPU
+evaluator runs accel_sim in process; a GPU evaluator is the same class on another torch
+device, and a multi-process or multi-machine one only has to implement `Evaluator`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from accel_sim.functional import FunctionalSim
+from accel_sim.ir import Conv2d, Program, output_hw
+
+FITNESS_MODES = ("accuracy", "margin")
+
+
+@dataclass(frozen=True)
+class IntegerFitness:
+    """An integer score of integer logits, computed with integer operations only.
+
+    Per image, the margin is the true class's logit minus the largest other logit,
+    clipped to [-clip, clip] (clip in logit LSBs). `accuracy`: the number of correct
+    top-1 predictions (argmax, first index on ties), ties between candidates broken by
+    the sum of clipped margins; `margin`: the sum of clipped margins alone.
+    """
+
+    mode: str
+    clip: int
+
+    def score(self, logits: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
+        """(P,) scores of logits (P, N, classes)."""
+        n = logits.shape[1]
+        true = logits.gather(2, labels.view(1, -1, 1).expand(len(logits), -1, 1)).squeeze(2)
+        others = logits.scatter(
+            2, labels.view(1, -1, 1).expand(len(logits), -1, 1), torch.iinfo(torch.int64).min
+        )
+        margin = (true - others.max(dim=2).values).clamp(-self.clip, self.clip).sum(dim=1)
+        if self.mode == "margin":
+            return margin.numpy()
+        correct = (logits.argmax(dim=2) == labels.view(1, -1)).sum(dim=1)
+        return (correct * (2 * self.clip * n + 1) + margin + self.clip * n).numpy()
+
+
+def conv_macs(program: Program, op: Conv2d) -> int:
+    x = program.tensors[op.input]
+    hw = output_hw(x.shape[1], op.kernel, op.stride, op.padding)
+    return hw * hw * op.out_channels * op.reduction
+
+
+class Evaluator(ABC):
+    """Scores candidates on the current batch; counts evaluations and MACs."""
+
+    def __init__(self) -> None:
+        self.evaluations = 0
+        self.macs = 0
+
+    @abstractmethod
+    def set_batch(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """Images (N, 3, 32, 32) uint8 and labels the fitness is measured on from now."""
+
+    @abstractmethod
+    def set_solution(self, weights: dict[str, np.ndarray]) -> int:
+        """Make `weights` (full layers) the context; returns its fitness on the batch."""
+
+    @abstractmethod
+    def evaluate(self, candidates: dict[str, np.ndarray]) -> np.ndarray:
+        """Fitness (P,) of candidates: per layer, (P, ...) weights replacing the context's."""
+
+
+class SimEvaluator(Evaluator):
+    """Fitness on accel_sim, incremental: from the first changed layer, on cached activations.
+
+    The activations of the context for the batch are kept for every tensor; a candidate
+    population is run from its first changed op in one batched call (`run_population`),
+    in chunks of at most `max_images` image-evaluations to bound memory. With
+    `incremental=False` every candidate runs the whole network on its own (the baseline
+    the benchmark compares against).
+    """
+
+    def __init__(
+        self,
+        program: Program,
+        fitness: IntegerFitness,
+        device: str = "cpu",
+        compile: bool = False,
+        incremental: bool = True,
+        max_images: int = 4096,
+    ):
+        super().__init__()
+        self.program = program
+        self.fitness = fitness
+        self.device = device
+        self.compile = compile
+        self.incremental = incremental
+        self.max_images = max_images
+        self.op_index = {op.name: i for i, op in enumerate(program.ops)}
+        macs = [conv_macs(program, op) if isinstance(op, Conv2d) else 0 for op in program.ops]
+        self.macs_from = np.cumsum(macs[::-1])[::-1]
+        self.sim = FunctionalSim(program, device, compile=compile)
+        self.env: dict[str, torch.Tensor] = {}
+        self.labels = torch.empty(0, dtype=torch.int64)
+
+    def set_batch(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.labels = labels.to(torch.int64)
+        self.env = {self.program.input: self.sim.input_carrier(images)}
+        self.sim.execute(self.env)
+
+    def set_solution(self, weights: dict[str, np.ndarray]) -> int:
+        changed = [name for name, w in weights.items() if not np.array_equal(w, self.program.op(name).weight)]
+        if changed:
+            self.program = self.program.with_weights({name: weights[name] for name in changed})
+            self.sim = FunctionalSim(self.program, self.device, compile=self.compile)
+            if self.env:
+                self.sim.execute(self.env, min(self.op_index[name] for name in changed))
+        logits = self.env[self.program.output].to(torch.int64).flatten(1)
+        return int(self.fitness.score(logits[None], self.labels)[0])
+
+    def evaluate(self, candidates: dict[str, np.ndarray]) -> np.ndarray:
+        start = min(self.op_index[name] for name in candidates) if self.incremental else 0
+        population = len(next(iter(candidates.values())))
+        n = len(self.labels)
+        chunk = max(1, self.max_images // max(n, 1))
+        scores = []
+        for s in range(0, population, chunk):
+            part = {name: w[s : s + chunk] for name, w in candidates.items()}
+            scores.append(self.fitness.score(self.population_logits(start, part), self.labels))
+        self.evaluations += population
+        self.macs += population * n * int(self.macs_from[start])
+        return np.concatenate(scores)
+
+    def population_logits(self, start: int, candidates: dict[str, np.ndarray]) -> torch.Tensor:
+        """Batched from `start` when incremental; otherwise, or when the batched form cannot
+        prove exactness, each candidate's whole program from the image."""
+        logits = self.sim.run_population(self.env, start, candidates) if self.incremental else None
+        if logits is not None:
+            return logits.cpu()
+        population = len(next(iter(candidates.values())))
+        images = self.env[self.program.input]
+        singles = []
+        for p in range(population):
+            program = self.program.with_weights({name: w[p] for name, w in candidates.items()})
+            singles.append(FunctionalSim(program, self.device).run(images.to(torch.int64)).logits.cpu())
+        return torch.stack(singles)
+
+
+class BrevitasEvaluator(Evaluator):
+    """Fitness from Brevitas fake-quant inference (float convolutions), for comparison.
+
+    Candidates' integer weights are written into the Brevitas layers (their weight scales
+    are frozen parameters, see hwq.model.QuantLayers); the float logits are rounded to the
+    integer program's logit LSB, so both targets share one fitness function.
+    """
+
+    def __init__(self, qmodel: torch.nn.Module, program: Program, fitness: IntegerFitness):
+        super().__init__()
+        self.qmodel = qmodel
+        self.fitness = fitness
+        self.logit_scale = program.tensors[program.output].scale
+        modules = dict(qmodel.named_modules())
+        self.layers = {name: modules[path] for name, path in program.meta["weight_sources"].items()}
+        self.scales = {name: m.quant_weight().scale.detach() for name, m in self.layers.items()}
+        self.macs_per_image = sum(conv_macs(program, op) for op in program.conv_ops())
+        self.images = torch.empty(0)
+        self.labels = torch.empty(0, dtype=torch.int64)
+
+    def load(self, weights: dict[str, np.ndarray]) -> None:
+        with torch.no_grad():
+            for name, w in weights.items():
+                layer = self.layers[name]
+                ints = torch.as_tensor(w, dtype=torch.float32).reshape(layer.weight.shape)
+                layer.weight.copy_(ints * self.scales[name])
+
+    def integer_logits(self) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.round(self.qmodel(self.images).double() / self.logit_scale).to(torch.int64)
+
+    def set_batch(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images, self.labels = images, labels.to(torch.int64)
+
+    def set_solution(self, weights: dict[str, np.ndarray]) -> int:
+        self.context = {name: np.array(w) for name, w in weights.items()}
+        self.load(self.context)
+        return int(self.fitness.score(self.integer_logits()[None], self.labels)[0])
+
+    def evaluate(self, candidates: dict[str, np.ndarray]) -> np.ndarray:
+        population = len(next(iter(candidates.values())))
+        scores = []
+        for p in range(population):
+            self.load({name: w[p] for name, w in candidates.items()})
+            scores.append(self.fitness.score(self.integer_logits()[None], self.labels)[0])
+        self.load({name: self.context[name] for name in candidates})
+        self.evaluations += population
+        self.macs += population * len(self.labels) * self.macs_per_image
+        return np.asarray(scores)

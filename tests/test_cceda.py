@@ -1,0 +1,194 @@
+"""CC-EDA: its operators, its state, and that it finds known optima."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from accel_sim.functional import FunctionalSim
+from accel_sim.ir import Accumulator, Conv2d, Program, Requant, TensorSpec
+from hwq.cceda import (
+    CCEDA,
+    EDAConfig,
+    SearchSpace,
+    initial_probabilities,
+    least_confident_group,
+    sample_categories,
+    select_best,
+    updated_probabilities,
+)
+from hwq.evaluator import IntegerFitness, SimEvaluator
+
+
+def space(sizes=(40, 30, 30), bits=4, seed=0) -> SearchSpace:
+    rng = np.random.default_rng(seed)
+    weights = {f"l{i}": rng.integers(-7, 8, size=(n,)) for i, n in enumerate(sizes)}
+    return SearchSpace.from_weights(weights, {n: bits for n in weights}, radius=1)
+
+
+def test_initial_probabilities_concentrate_on_the_start_and_respect_the_range():
+    s = SearchSpace.from_weights({"w": np.array([7, 0, -7])}, {"w": 4}, radius=1)
+    probs = initial_probabilities(s.valid(), 1, 0.8)
+    np.testing.assert_allclose(probs.sum(1), 1)
+    np.testing.assert_allclose(probs[0], [0.2, 0.8, 0.0])  # 8 is outside the 4-bit narrow range
+    np.testing.assert_allclose(probs[1], [0.1, 0.8, 0.1])
+    np.testing.assert_allclose(probs[2], [0.0, 0.8, 0.2])
+
+
+def test_sampling_follows_the_distribution_and_never_draws_impossible_levels():
+    probs = np.array([[0.2, 0.5, 0.3], [0.0, 1.0, 0.0], [0.0, 0.25, 0.75]])
+    draws = sample_categories(probs, 20000, np.random.default_rng(1))
+    freq = np.stack([(draws == k).mean(0) for k in range(3)], axis=1)
+    np.testing.assert_allclose(freq, probs, atol=0.015)
+    assert np.all(draws[:, 1] == 1) and not np.any(draws[:, 2] == 0)
+
+
+def test_selection_takes_the_best_and_keeps_order_on_ties():
+    assert select_best(np.array([3, 9, 9, 1, 5]), 3).tolist() == [1, 2, 4]
+
+
+def test_update_moves_each_distribution_toward_the_selected_levels():
+    probs = np.array([[0.1, 0.8, 0.1]])
+    chosen = np.array([[0], [0], [1], [2]])  # frequencies 0.5, 0.25, 0.25
+    valid = np.ones_like(probs, dtype=bool)
+    np.testing.assert_allclose(updated_probabilities(probs, chosen, 0.4, valid), [[0.26, 0.58, 0.16]])
+
+
+def test_probability_floor_keeps_every_valid_level_alive():
+    probs = np.array([[0.0, 0.9, 0.1]])
+    valid = np.array([[False, True, True]])
+    chosen = np.array([[1], [1]])
+    moved = updated_probabilities(probs, chosen, 1.0, valid, floor=0.05)
+    np.testing.assert_allclose(moved, [[0.0, 1 / 1.05, 0.05 / 1.05]])
+
+
+def test_grouping_takes_the_least_confident_weights():
+    confidence = np.array([0.9, 0.5, 0.9, 0.4, 0.6, 0.9])
+    layer = np.array([0, 0, 0, 1, 1, 1])
+    rng = np.random.default_rng(0)
+    assert least_confident_group(confidence, layer, 2, "global", rng).tolist() == [1, 3]
+    # layer 1's two least confident (0.4, 0.6) average 0.5 < layer 0's (0.5, 0.9)
+    assert least_confident_group(confidence, layer, 2, "layer", rng).tolist() == [3, 4]
+
+
+def test_tell_keeps_the_best_unless_beaten_and_updates_only_the_group():
+    search = CCEDA(space(), EDAConfig(population=4, selected=2, group_size=10), seed=3)
+    search.best_fitness = 100
+    before = search.probs.copy()
+    samples = search.ask()
+    assert not search.tell(np.array([10, 50, 99, 100]))
+    assert search.best_fitness == 100 and np.all(search.best == 1)
+    outside = np.setdiff1d(np.arange(search.space.size), search.group)
+    np.testing.assert_array_equal(search.probs[outside], before[outside])
+    assert samples.shape == (4, 10)
+    samples = search.ask()
+    assert search.tell(np.array([10, 150, 99, 100]))
+    assert search.best_fitness == 150
+    np.testing.assert_array_equal(search.best[search.group], samples[1])
+
+
+def test_state_round_trip_continues_identically():
+    a = CCEDA(space(), EDAConfig(population=4, selected=2, group_size=8), seed=5)
+    a.best_fitness = 0
+    for f in ([1, 2, 3, 4], [0, 0, 9, 1]):
+        a.ask()
+        a.tell(np.array(f))
+    b = CCEDA(space(), EDAConfig(population=4, selected=2, group_size=8), seed=99)
+    b.load_state_dict(a.state_dict())
+    np.testing.assert_array_equal(a.ask(), b.ask())
+
+
+def toy_fitness(search: CCEDA, target: np.ndarray, samples: np.ndarray) -> np.ndarray:
+    """-(distance to target) of each candidate: a separable problem with a known optimum."""
+    values = np.tile(search.best_values(), (len(samples), 1))
+    values[:, search.group] = search.space.base[search.group] + samples - search.space.radius
+    return -np.abs(values - target).sum(1)
+
+
+def test_finds_the_known_optimum_of_a_separable_problem():
+    s = space(sizes=(30, 30, 30))
+    rng = np.random.default_rng(7)
+    target = np.clip(s.base + rng.integers(-1, 2, s.size), s.lo, s.hi)
+    cfg = EDAConfig(
+        population=12, selected=3, learning_rate=0.1, init_prob=0.7, group_size=15, generations_per_group=1
+    )
+    search = CCEDA(s, cfg, seed=1)
+    search.best_fitness = int(-np.abs(search.best_values() - target).sum())
+    start = search.best_fitness
+    for _ in range(2000):
+        samples = search.ask()
+        search.tell(toy_fitness(search, target, samples))
+        if search.best_fitness == 0:
+            break
+    assert start < -40 and search.best_fitness == 0
+    np.testing.assert_array_equal(search.best_values(), target)
+
+
+def linear_classifier(weight: np.ndarray) -> Program:
+    """A one-layer integer network: 16 uint8 features -> 10 int32 logits."""
+    tensors = {
+        "input": TensorSpec("input", (16, 1, 1), 8, False),
+        "logits": TensorSpec("logits", (10, 1, 1), 32, True),
+    }
+    op = Conv2d(
+        "fc",
+        "input",
+        "logits",
+        weight[:, :, None, None],
+        4,
+        np.zeros(10, dtype=np.int64),
+        1,
+        0,
+        Requant(np.ones(10, dtype=np.int64), np.zeros(10, dtype=np.int64), np.zeros(10, dtype=np.int64)),
+    )
+    return Program(tensors, [op], "input", "logits", Accumulator(32, "wrap"))
+
+
+def test_search_on_accel_sim_recovers_a_perfect_classifier():
+    """A teacher's weights label 200 well-separated points; the search starts from the
+    teacher with every weight moved by one level and must get all 200 right again."""
+    rng = np.random.default_rng(0)
+    teacher = rng.integers(-7, 8, size=(10, 16))
+    features = rng.integers(0, 256, size=(2000, 16))
+    logits = features @ teacher.T
+    top2 = np.sort(logits, axis=1)[:, -2:]
+    keep = np.flatnonzero(top2[:, 1] - top2[:, 0] > 300)[:200]
+    images = torch.from_numpy(features[keep].reshape(-1, 16, 1, 1)).to(torch.uint8)
+    labels = torch.from_numpy(logits[keep].argmax(1))
+    start = np.clip(teacher + rng.choice([-1, 1], size=teacher.shape), -7, 7)
+    program = linear_classifier(start)
+    evaluator = SimEvaluator(program, IntegerFitness("accuracy", clip=64))
+    evaluator.set_batch(images, labels)
+    s = SearchSpace.from_weights({"fc": program.op("fc").weight}, {"fc": 4}, radius=1)
+    search = CCEDA(s, EDAConfig(population=16, selected=4, group_size=40, generations_per_group=1), seed=0)
+    search.best_fitness = evaluator.set_solution(s.unflatten(search.best_values()))
+    correct = lambda f: f // (2 * 64 * 200 + 1)  # noqa: E731
+    assert correct(search.best_fitness) < 197
+    for _ in range(200):
+        improved = search.tell(evaluator.evaluate(search.candidate_values(search.ask())))
+        if improved:
+            evaluator.set_solution(s.unflatten(search.best_values()))
+        if correct(search.best_fitness) == 200:
+            break
+    assert correct(search.best_fitness) == 200
+    found = FunctionalSim(program.with_weights(s.unflatten(search.best_values()))).run(images).logits
+    assert torch.equal(found.argmax(1), labels)
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("population", 1),
+        ("selected", 0),
+        ("learning_rate", 0),
+        ("init_prob", 1.0),
+        ("min_prob", 0.5),
+        ("group_scope", "random"),
+    ],
+)
+def test_bad_settings_are_named(field, value):
+    from hwq import HwqError
+
+    with pytest.raises(HwqError, match=field.replace("_", "-")):
+        EDAConfig(**{field: value}).validate()

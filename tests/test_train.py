@@ -1,0 +1,180 @@
+"""`hwq train`: runs are reproducible, resumable exactly, and their IR replays their numbers."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from accel_sim.ir import load_program
+from hwq import HwqError
+from hwq.cceda import EDAConfig
+from hwq.cli import main
+from hwq.evaluator import SimEvaluator
+from hwq.train import TrainConfig, train
+
+from .helpers import write_checkpoint, write_cifar_batches
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    data = write_cifar_batches(root / "data", images_per_batch=60)
+    return root, str(data), str(write_checkpoint(root / "model.th"))
+
+
+def config(workspace, out: str, budget: int, **kw) -> TrainConfig:
+    root, data, checkpoint = workspace
+    return TrainConfig(
+        checkpoint=checkpoint,
+        data=data,
+        out=str(root / out),
+        wbits=4,
+        abits=8,
+        budget_evals=budget,
+        layers=("layer3.2.conv2", "fc"),
+        eda=EDAConfig(population=4, selected=2, group_size=64),
+        fitness_images=16,
+        new_batch_every=3,
+        eval_every=2,
+        checkpoint_every=2,
+        calibration_images=32,
+        progress=False,
+        **kw,
+    )
+
+
+def final_weights(workspace, out: str) -> dict[str, np.ndarray]:
+    program = load_program(workspace[0] / out / "final.ir")
+    return {op.name: op.weight for op in program.conv_ops()}
+
+
+def log_lines(workspace, out: str) -> list[dict]:
+    lines = [json.loads(x) for x in (workspace[0] / out / "log.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in d.items() if k not in ("elapsed_s", "evals_per_s")} for d in lines]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(workspace):
+    summary = train(config(workspace, "full", 40))
+    return summary, final_weights(workspace, "full"), log_lines(workspace, "full")
+
+
+def assert_same_run(workspace, out: str, reference) -> None:
+    _, weights, log = reference
+    got = final_weights(workspace, out)
+    assert got.keys() == weights.keys()
+    for name in weights:
+        np.testing.assert_array_equal(got[name], weights[name], err_msg=name)
+    assert log_lines(workspace, out) == log
+
+
+def test_run_searches_and_reports(uninterrupted, workspace):
+    summary, _, log = uninterrupted
+    assert summary["evaluations"] == 40 and summary["complete"]
+    assert summary["generations"] == 10 == log[-1]["generation"]
+    assert [d["generation"] for d in log] == list(range(11))
+    assert all(d["evaluations"] == 4 * d["generation"] for d in log)
+    assert summary["macs_per_eval"] > 0 and summary["weights_searched"] == 64 * 64 * 9 + 640
+
+
+def test_resume_after_budget_stop_is_exact(workspace, uninterrupted):
+    train(config(workspace, "split", 20))
+    train(config(workspace, "split", 40), resume=True)
+    assert_same_run(workspace, "split", uninterrupted)
+
+
+def test_resume_after_a_crash_is_exact(workspace, uninterrupted, monkeypatch):
+    calls = {"n": 0}
+    original = SimEvaluator.evaluate
+
+    def crashing(self, candidates):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise RuntimeError("machine lost")
+        return original(self, candidates)
+
+    monkeypatch.setattr(SimEvaluator, "evaluate", crashing)
+    with pytest.raises(RuntimeError, match="machine lost"):
+        train(config(workspace, "crash", 40))
+    monkeypatch.setattr(SimEvaluator, "evaluate", original)
+    train(config(workspace, "crash", 40), resume=True)
+    assert_same_run(workspace, "crash", uninterrupted)
+
+
+def test_final_ir_replays_the_reported_accuracy(workspace, uninterrupted, capsys):
+    summary, _, _ = uninterrupted
+    root, data, _ = workspace
+    out = root / "replay.json"
+    assert (
+        main(
+            [
+                "eval",
+                "--ir",
+                str(root / "full" / "final.ir"),
+                "--data",
+                data,
+                "--split",
+                "val",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert json.loads(out.read_text())["accel_sim"]["accuracy"] == summary["final_val_accuracy"]
+
+
+def test_run_directory_is_protected(workspace, uninterrupted):
+    with pytest.raises(HwqError, match="already holds a run"):
+        train(config(workspace, "full", 40))
+    with pytest.raises(HwqError, match="differ from the run's: wbits"):
+        train(TrainConfig(**{**config(workspace, "full", 40).__dict__, "wbits": 3}), resume=True)
+    with pytest.raises(HwqError, match="nothing to resume"):
+        train(config(workspace, "never", 40), resume=True)
+
+
+def test_cli_trains_and_resumes_from_the_run_directory(workspace, capsys):
+    root, data, checkpoint = workspace
+    out = str(root / "cli")
+    common = [
+        "--layers",
+        "fc",
+        "--population",
+        "4",
+        "--selected",
+        "2",
+        "--fitness-images",
+        "16",
+        "--calibration-images",
+        "32",
+        "--eval-every",
+        "2",
+    ]
+    assert (
+        main(
+            [
+                "train",
+                "--checkpoint",
+                checkpoint,
+                "--data",
+                data,
+                "--wbits",
+                "4",
+                "--abits",
+                "8",
+                "--budget-evals",
+                "8",
+                "--out",
+                out,
+                *common,
+            ]
+        )
+        == 0
+    )
+    assert main(["train", "--out", out, "--resume", "--budget-evals", "16"]) == 0
+    text = capsys.readouterr().out
+    assert "held-out accuracy on accel_sim" in text and "final IR" in text
+    assert json.loads((root / "cli" / "summary.json").read_text())["evaluations"] == 16
+    assert main(["train", "--out", out, "--resume", "--budget-evals", "24", "--wbits", "3"]) == 2
