@@ -22,7 +22,12 @@ from . import HwqError
 
 @dataclass(frozen=True)
 class SearchSpace:
-    """Which integer weights are searched, where they start and which values they may take."""
+    """Which integer weights are searched, where they start and which values they may take.
+
+    `position` is each weight's real value in units of its quantization step (the float
+    weight divided by its scale); `base` is its round-to-nearest level. Without a float
+    network (a search resumed from an IR) the position is the level itself.
+    """
 
     names: tuple[str, ...]
     shapes: tuple[tuple[int, ...], ...]
@@ -30,6 +35,7 @@ class SearchSpace:
     lo: np.ndarray
     hi: np.ndarray
     radius: int
+    position: np.ndarray
 
     @property
     def size(self) -> int:
@@ -64,7 +70,12 @@ class SearchSpace:
 
     @classmethod
     def from_weights(
-        cls, weights: dict[str, np.ndarray], bits: dict[str, int], radius: int, narrow: bool = True
+        cls,
+        weights: dict[str, np.ndarray],
+        bits: dict[str, int],
+        radius: int,
+        positions: dict[str, np.ndarray] | None = None,
+        narrow: bool = True,
     ) -> SearchSpace:
         """Weights of `bits` bits; `narrow` keeps them symmetric ([-(2^(b-1)-1), 2^(b-1)-1])
         like Brevitas' weight quantizers, so the brevitas target can represent every level."""
@@ -74,7 +85,12 @@ class SearchSpace:
         base = np.concatenate([weights[n].reshape(-1) for n in names]).astype(np.int64)
         hi = np.concatenate([np.full(weights[n].size, (1 << (bits[n] - 1)) - 1) for n in names])
         lo = -hi if narrow else -hi - 1
-        return cls(names, tuple(weights[n].shape for n in names), base, lo, hi, radius)
+        position = base.astype(np.float64)
+        if positions is not None:
+            position = np.concatenate([np.asarray(positions[n], dtype=np.float64).reshape(-1) for n in names])
+            if position.shape != base.shape or np.any(np.abs(position - base) > 0.5 + 1e-6):
+                raise HwqError("float positions do not round to the integer weights they start from")
+        return cls(names, tuple(weights[n].shape for n in names), base, lo, hi, radius, position)
 
 
 @dataclass(frozen=True)
@@ -84,7 +100,7 @@ class EDAConfig:
     population: int = 16
     selected: int = 4
     learning_rate: float = 0.3
-    init_prob: float = 0.9
+    init_sigma: float = 0.4
     min_prob: float = 0.02
     group_size: int = 256
     generations_per_group: int = 4
@@ -97,23 +113,28 @@ class EDAConfig:
             raise HwqError("--selected must be between 1 and --population")
         if not 0 < self.learning_rate <= 1:
             raise HwqError("--learning-rate must be in (0, 1]")
-        if not 0 < self.init_prob < 1:
-            raise HwqError("--init-prob must be in (0, 1)")
-        if not 0 <= self.min_prob < (1 - self.init_prob):
-            raise HwqError("--min-prob must be in [0, 1 - init-prob)")
+        if self.init_sigma <= 0:
+            raise HwqError("--init-sigma must be positive")
+        if not 0 <= self.min_prob < 0.2:
+            raise HwqError("--min-prob must be in [0, 0.2)")
         if self.group_size < 1 or self.generations_per_group < 1:
             raise HwqError("--group-size and --generations-per-group must be positive")
         if self.group_scope not in ("layer", "global"):
             raise HwqError("--group-scope must be 'layer' or 'global'")
 
 
-def initial_probabilities(valid: np.ndarray, radius: int, init_prob: float) -> np.ndarray:
-    """init_prob on the starting level, the rest shared by the other valid levels."""
-    probs = np.where(valid, 1.0, 0.0)
-    others = probs.sum(1, keepdims=True) - 1
-    probs *= np.where(others > 0, (1 - init_prob) / np.maximum(others, 1), 0.0)
-    probs[:, radius] = np.where(others[:, 0] > 0, init_prob, 1.0)
-    return probs
+def initial_probabilities(space: SearchSpace, sigma: float) -> np.ndarray:
+    """A Gaussian of width `sigma` (in levels) around each weight's real position.
+
+    The round-to-nearest level is always the most likely, and the confidence (the largest
+    probability) measures how unambiguous the rounding was: a weight that sat halfway
+    between two levels starts near 50/50 and is among the first the search examines.
+    """
+    levels = space.base[:, None] + np.arange(-space.radius, space.radius + 1)[None, :]
+    logits = -((levels - space.position[:, None]) ** 2) / (2 * sigma**2)
+    logits = np.where(space.valid(), logits, -np.inf)
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return probs / probs.sum(axis=1, keepdims=True)
 
 
 def sample_categories(probs: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
@@ -176,7 +197,7 @@ class CCEDA:
         self.config = config
         self.rng = np.random.default_rng(seed)
         self.valid = space.valid()
-        self.probs = initial_probabilities(self.valid, space.radius, config.init_prob)
+        self.probs = initial_probabilities(space, config.init_sigma)
         self.best = np.full(space.size, space.radius, dtype=np.int64)
         self.best_fitness: int | None = None
         self.group = np.empty(0, dtype=np.int64)

@@ -85,6 +85,19 @@ def weight_ints_and_scale(layer: nn.Module) -> tuple[np.ndarray, np.ndarray]:
     return ints, per_channel(qw.scale, ints.shape[0])
 
 
+def weight_positions(model: ResNetCifar, program: Program) -> dict[str, np.ndarray]:
+    """Each conv op's float weights in units of their quantization step: the real values
+    the integer weights were rounded from (the trainer's prior over levels)."""
+    modules = dict(model.named_modules())
+    out = {}
+    for name, path in program.meta["weight_sources"].items():
+        layer = modules[path]
+        scale = layer.quant_weight().scale.detach()
+        position = (layer.weight.detach() / scale).double().numpy()
+        out[name] = position.reshape(program.op(name).weight.shape)
+    return out
+
+
 def act_scale(act: nn.Module) -> float:
     return float(act.act_quant.scale().detach())
 

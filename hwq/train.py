@@ -28,6 +28,7 @@ from .cceda import CCEDA, EDAConfig, SearchSpace
 from .data import load_split
 from .evaluate import evaluate_program, prepare
 from .evaluator import FITNESS_MODES, BrevitasEvaluator, Evaluator, IntegerFitness, SimEvaluator
+from .lower import weight_positions
 from .model import QuantConfig
 from .results import write_json
 
@@ -160,7 +161,9 @@ class _Run:
             raise HwqError(
                 f"--fitness-images {cfg.fitness_images} exceeds the {len(self.train)} training images"
             )
-        self.space = search_space(self.initial, cfg)
+        with torch.no_grad():
+            positions = weight_positions(prepared.qmodel, self.initial)
+        self.space = search_space(self.initial, cfg, positions)
         self.search = CCEDA(self.space, cfg.eda, cfg.seed)
         fitness = IntegerFitness(cfg.fitness, logit_lsbs(self.initial, cfg.margin_clip))
         self.evaluator: Evaluator
@@ -363,14 +366,17 @@ class _Run:
         return summary
 
 
-def search_space(program: Program, cfg: TrainConfig) -> SearchSpace:
+def search_space(program: Program, cfg: TrainConfig, positions: dict[str, np.ndarray]) -> SearchSpace:
     convs = {op.name: op for op in program.conv_ops()}
     names = cfg.layers or tuple(convs)
     unknown = [n for n in names if n not in convs]
     if unknown:
         raise HwqError(f"--layers names unknown layers {unknown}; the program has {list(convs)}")
     return SearchSpace.from_weights(
-        {n: convs[n].weight for n in names}, {n: convs[n].weight_bits for n in names}, cfg.radius
+        {n: convs[n].weight for n in names},
+        {n: convs[n].weight_bits for n in names},
+        cfg.radius,
+        {n: positions[n] for n in names},
     )
 
 

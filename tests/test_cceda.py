@@ -27,13 +27,24 @@ def space(sizes=(40, 30, 30), bits=4, seed=0) -> SearchSpace:
     return SearchSpace.from_weights(weights, {n: bits for n in weights}, radius=1)
 
 
-def test_initial_probabilities_concentrate_on_the_start_and_respect_the_range():
-    s = SearchSpace.from_weights({"w": np.array([7, 0, -7])}, {"w": 4}, radius=1)
-    probs = initial_probabilities(s.valid(), 1, 0.8)
+def test_initial_probabilities_follow_the_float_position_and_respect_the_range():
+    weights = np.array([7, 0, -7, 2])
+    positions = np.array([6.9, 0.0, -6.6, 2.49])
+    s = SearchSpace.from_weights({"w": weights}, {"w": 4}, radius=1, positions={"w": positions})
+    probs = initial_probabilities(s, 0.5)
     np.testing.assert_allclose(probs.sum(1), 1)
-    np.testing.assert_allclose(probs[0], [0.2, 0.8, 0.0])  # 8 is outside the 4-bit narrow range
-    np.testing.assert_allclose(probs[1], [0.1, 0.8, 0.1])
-    np.testing.assert_allclose(probs[2], [0.0, 0.8, 0.2])
+    assert probs[0, 2] == 0 and probs[2, 0] == 0  # +-8 is outside the 4-bit narrow range
+    np.testing.assert_allclose(probs[1], np.array([np.exp(-2), 1, np.exp(-2)]) / (1 + 2 * np.exp(-2)))
+    assert np.all(probs.argmax(1) == 1), "round-to-nearest is always the most likely level"
+    confidence = probs.max(1)
+    assert confidence[3] < confidence[2] < confidence[0] < 1 and confidence[3] < 0.55
+
+
+def test_positions_must_round_to_the_weights():
+    from hwq import HwqError
+
+    with pytest.raises(HwqError, match="do not round"):
+        SearchSpace.from_weights({"w": np.array([1])}, {"w": 4}, 1, positions={"w": np.array([1.7])})
 
 
 def test_sampling_follows_the_distribution_and_never_draws_impossible_levels():
@@ -111,7 +122,7 @@ def test_finds_the_known_optimum_of_a_separable_problem():
     rng = np.random.default_rng(7)
     target = np.clip(s.base + rng.integers(-1, 2, s.size), s.lo, s.hi)
     cfg = EDAConfig(
-        population=12, selected=3, learning_rate=0.1, init_prob=0.7, group_size=15, generations_per_group=1
+        population=12, selected=3, learning_rate=0.1, init_sigma=0.6, group_size=15, generations_per_group=1
     )
     search = CCEDA(s, cfg, seed=1)
     search.best_fitness = int(-np.abs(search.best_values() - target).sum())
@@ -182,7 +193,7 @@ def test_search_on_accel_sim_recovers_a_perfect_classifier():
         ("population", 1),
         ("selected", 0),
         ("learning_rate", 0),
-        ("init_prob", 1.0),
+        ("init_sigma", 0.0),
         ("min_prob", 0.5),
         ("group_scope", "random"),
     ],
