@@ -7,6 +7,7 @@ DATA      ?= $(if $(wildcard $(SHARED)/data/cifar10-subset),$(SHARED)/data/cifar
 CHECKPOINT ?= $(if $(wildcard $(SHARED)/models/resnet20-12fca82f.th),$(SHARED)/models/resnet20-12fca82f.th,resnet20)
 DATA_FLAG := $(if $(DATA),--data $(DATA),)
 OUT       ?= runs/demo
+DEMO_EVALS ?= 2000
 
 .PHONY: install test test-slow demo bench lint
 
@@ -25,7 +26,10 @@ test-slow: install
 	$(BIN)/pytest -m slow
 
 demo: install
-	$(BIN)/hwq eval --checkpoint $(CHECKPOINT) $(DATA_FLAG) --split val --wbits 4 --abits 8 --json $(OUT)/eval.json
+	rm -rf $(OUT)
+	$(BIN)/hwq train --target accel_sim --checkpoint $(CHECKPOINT) $(DATA_FLAG) --wbits 4 --abits 8 \
+		--budget-evals $(DEMO_EVALS) --seed 0 --out $(OUT)
+	$(BIN)/hwq eval --ir $(OUT)/final.ir $(DATA_FLAG) --split val --json $(OUT)/eval.json
 
 bench: install
 	$(BIN)/python bench/bench_functional.py $(DATA_FLAG) --checkpoint $(CHECKPOINT)

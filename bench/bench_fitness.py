@@ -53,7 +53,9 @@ def rate(evaluator: SimEvaluator, cands: dict[str, np.ndarray], repeats: int) ->
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data")
     parser.add_argument("--checkpoint", default="resnet20")
     parser.add_argument("--fitness-images", type=int, default=256)
@@ -80,7 +82,9 @@ def main() -> None:
         for name, evaluator in evaluators.items():
             evals_per_s, macs = rate(evaluator, cands, args.repeats)
             base = base or evals_per_s
-            print(f"{layer:<16} {name:<42} {evals_per_s:>8.2f} {macs / 1e6:>10.1f} {evals_per_s / base:>7.2f}x")
+            print(
+                f"{layer:<16} {name:<42} {evals_per_s:>8.2f} {macs / 1e6:>10.1f} {evals_per_s / base:>7.2f}x"
+            )
 
 
 if __name__ == "__main__":

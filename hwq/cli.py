@@ -4,14 +4,19 @@ user's input come out as one line naming the problem, never as a traceback."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import sys
 import warnings
+from pathlib import Path
 
 logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", module="brevitas")
 
-from accel_sim.ir import Accumulator, IRError, load_program, program_digest, save_program  # noqa: E402
+from accel_sim.hardware import load_accelerator  # noqa: E402
+from accel_sim.ir import Accumulator, IRError, Program, load_program, program_digest, save_program  # noqa: E402
+from accel_sim.timing import ProgramTiming, program_timing  # noqa: E402
 
 from . import HwqError, __version__  # noqa: E402
 from .data import DEFAULT_SPLIT_SEED, DEFAULT_VAL_FRACTION, SPLITS, load_split  # noqa: E402
@@ -24,8 +29,10 @@ from .evaluate import (  # noqa: E402
     layer_lsb_differences,
     prepare,
 )
+from .evaluator import FITNESS_MODES  # noqa: E402
 from .model import QuantConfig  # noqa: E402
-from .results import percent, write_json  # noqa: E402
+from .results import percent, write_csv, write_json  # noqa: E402
+from .train import TrainConfig, train  # noqa: E402
 
 MODES = ("float", "brevitas", "accel_sim")
 
@@ -195,7 +202,276 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_eval)
 
 
-SUBCOMMANDS = [add_eval_parser]
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """The run's config: from the flags, or on --resume from the run directory, where
+    flags given again must agree and only budget and execution flags may change."""
+    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("func", "command", "resume")}
+    eda_given = {f: given.pop(f) for f in EDA_FLAGS if f in given}
+    config_file = Path(args.out) / "config.json"
+    if args.resume and config_file.exists():
+        cfg = TrainConfig.from_json(json.loads(config_file.read_text()))
+    else:
+        if not args.checkpoint or args.wbits is None or args.abits is None:
+            raise HwqError("--checkpoint, --wbits and --abits are required for a new run")
+        cfg = TrainConfig(checkpoint=args.checkpoint, out=args.out, wbits=args.wbits, abits=args.abits)
+    if "acc_bits" in given:
+        given["accumulator_bits"] = given.pop("acc_bits")
+    if "layers" in given:
+        given["layers"] = tuple(given["layers"].split(","))
+    if given.get("budget_evals") is not None:
+        given["budget_minutes"] = None
+    elif given.get("budget_minutes") is not None:
+        given["budget_evals"] = None
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in given.items() if hasattr(cfg, k)})
+    if eda_given:
+        cfg = dataclasses.replace(cfg, eda=dataclasses.replace(cfg.eda, **eda_given))
+    return cfg
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    summary = train(train_config(args), resume=args.resume)
+    print(
+        f"held-out accuracy on accel_sim: {percent(summary['initial_val_accuracy'])} (round-to-nearest) -> "
+        f"{percent(summary['final_val_accuracy'])} after {summary['evaluations']} evaluations "
+        f"({summary['evals_per_s']} evals/s, {summary['macs_per_eval'] / 1e6:.1f} MMAC/eval); "
+        f"{summary['weights_changed']} of {summary['weights_searched']} weights changed"
+    )
+    print(f"final IR: {summary['final_ir']}")
+
+
+EDA_FLAGS = (
+    "min_prob",
+    "population",
+    "selected",
+    "learning_rate",
+    "init_sigma",
+    "group_size",
+    "generations_per_group",
+    "group_scope",
+)
+
+
+def add_train_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="CC-EDA search of low-bit weights scored on accel_sim")
+    p.add_argument("--out", required=True, help="run directory (config, log.jsonl, state, final.ir)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
+    p.add_argument("--target", choices=("accel_sim", "brevitas"), help="fitness from (default accel_sim)")
+    p.add_argument("--checkpoint", help="float checkpoint path, or 'resnet20' to download the public one")
+    p.add_argument("--data", help="CIFAR-10 directory (default: $HWQ_DATA, then ~/.cache/hwq/cifar10)")
+    p.add_argument("--wbits", type=int, help="weight bits (2-16)")
+    p.add_argument("--abits", type=int, help="activation bits (2-16)")
+    p.add_argument(
+        "--per-channel", action="store_true", default=None, help="per-output-channel weight scales"
+    )
+    p.add_argument("--first-wbits", type=int, help="weight bits of the first conv (default: --wbits)")
+    p.add_argument("--last-wbits", type=int, help="weight bits of the classifier (default: --wbits)")
+    p.add_argument("--acc-bits", type=int, help="accumulator width (default 32)")
+    p.add_argument(
+        "--overflow", choices=("wrap", "saturate"), help="accumulator overflow mode (default wrap)"
+    )
+    p.add_argument("--mult-bits", type=int, help="requantization multiplier width (default 16)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--budget-evals", type=int, help="stop after this many fitness evaluations")
+    budget.add_argument("--budget-minutes", type=float, help="stop after this much search time")
+    p.add_argument("--seed", type=int, help="seed of the search (default 0)")
+    p.add_argument("--layers", help="comma-separated layers to search (default: every conv and fc)")
+    s = p.add_argument_group("search (docs/training.md)")
+    s.add_argument("--radius", type=int, help="levels each side of the initial value (default 1)")
+    s.add_argument("--population", type=int, help="candidates per generation (default 16)")
+    s.add_argument("--selected", type=int, help="best candidates the distribution learns from (default 4)")
+    s.add_argument("--learning-rate", type=float, help="step of the distribution toward them (default 0.3)")
+    s.add_argument(
+        "--init-sigma", type=float, help="width in levels of the initial distributions (default 0.4)"
+    )
+    s.add_argument("--min-prob", type=float, help="floor of every valid level's probability (default 0.02)")
+    s.add_argument("--group-size", type=int, help="weights per cooperative-coevolution group (default 256)")
+    s.add_argument("--generations-per-group", type=int, help="generations before regrouping (default 4)")
+    s.add_argument("--group-scope", choices=("layer", "global"), help="group within one layer (default)")
+    f = p.add_argument_group("fitness")
+    f.add_argument("--fitness", choices=FITNESS_MODES, help="integer score of the logits (default accuracy)")
+    f.add_argument("--margin-clip", type=float, help="margin clip in logit units (default 4.0)")
+    f.add_argument("--fitness-images", type=int, help="training images per fitness batch (default 256)")
+    f.add_argument("--new-batch-every", type=int, help="generations between fitness batches (default 16)")
+    r = p.add_argument_group("run")
+    r.add_argument("--eval-every", type=int, help="generations between held-out evaluations (default 25)")
+    r.add_argument("--checkpoint-every", type=int, help="generations between state checkpoints (default 10)")
+    r.add_argument("--val-fraction", type=float, help="held-out share of the training batches (default 0.2)")
+    r.add_argument("--split-seed", type=int, help="seed of the train/val split (default 0)")
+    r.add_argument("--calibration-images", type=int, help="images to calibrate activations (default 512)")
+    r.add_argument("--device", help="torch device of the evaluator (default cpu)")
+    r.add_argument("--compile", action="store_true", default=None, help="fuse requant with torch.compile")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_verify(args: argparse.Namespace) -> None:
+    # Imported here: the RTL tools (cocotb, a simulator) are needed by this command only.
+    try:
+        from rtl_models.cosim import verify_program
+    except ImportError as exc:
+        raise HwqError(f"hwq verify --rtl needs {exc.name}: pip install -e '.[dev]'") from None
+    if args.rtl is None:
+        raise HwqError("say what to verify against: --rtl [icarus|verilator]")
+    program = load_program(args.ir)
+    program = program.with_accumulator(accumulator_override(args, program.accumulator))
+    layers = [op.name for op in program.conv_ops()] if args.layer in (None, ["all"]) else args.layer
+    ds = load_split(args.data, args.split, args.val_fraction, args.split_seed).head(args.limit or 1)
+    reports = verify_program(
+        program, ds.images, layers, args.rows, args.cols, args.rtl, Path(args.build_dir), args.pixels
+    )
+    print_verify(args, len(ds), reports)
+    if args.json:
+        write_json(
+            args.json,
+            {
+                "command": "verify",
+                "hwq_version": __version__,
+                "ir": args.ir,
+                "ir_sha256": program_digest(program),
+                "images": len(ds),
+                "layers": [r.to_json() for r in reports],
+            },
+        )
+    if not all(r.match and r.cycles_match for r in reports):
+        raise SystemExit(1)
+
+
+def print_verify(args: argparse.Namespace, images: int, reports: list) -> None:
+    print(
+        f"{args.ir} on a {args.rows}x{args.cols} mac_tile ({args.rtl}), {images} image(s), "
+        f"accumulator {reports[0].config.acc_bits}-bit {reports[0].config.overflow}"
+    )
+    print(
+        f"  {'layer':<16} {'outputs':>10} {'K':>5} {'tiles':>6}  {'values':<8} "
+        f"{'cycles/tile RTL':>15} {'formula':>8} {'total cycles':>13}"
+    )
+    for r in reports:
+        rtl = ",".join(str(c) for c in r.rtl_tile_cycles)
+        values = "match" if r.match else "MISMATCH"
+        print(
+            f"  {r.name:<16} {f'{r.m}x{r.n}':>10} {r.k:>5} {r.tiles:>6}  {values:<8} "
+            f"{rtl:>15} {r.formula_tile_cycles:>8} {r.total_cycles:>13,}"
+        )
+    for r in reports:
+        if r.mismatch:
+            print(f"  {r.mismatch}")
+    values = "match accel_sim bit for bit" if all(r.match for r in reports) else "DO NOT match accel_sim"
+    cycles = "equal" if all(r.cycles_match for r in reports) else "DIFFER FROM"
+    print(
+        f"{len(reports)} layer(s): outputs {values}; cycles per tile {cycles} accel_sim's formula "
+        f"(requantized outputs leave {reports[0].requant_latency} cycles after the array's)"
+    )
+
+
+def add_verify_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("verify", help="run lowered layers on the RTL and compare with accel_sim")
+    p.add_argument(
+        "--rtl",
+        nargs="?",
+        const="icarus",
+        choices=("icarus", "verilator"),
+        help="run on the Verilog MAC array with this simulator (default icarus)",
+    )
+    p.add_argument("--ir", required=True, help="the IR file whose layers run")
+    p.add_argument("--layer", action="append", help="conv layer to run, repeatable (default or 'all': all)")
+    p.add_argument("--rows", type=int, default=8, help="rows of the MAC array (output pixels per tile)")
+    p.add_argument("--cols", type=int, default=8, help="columns of the MAC array (output channels per tile)")
+    p.add_argument("--pixels", type=int, help="only the first N output pixels of each layer (a quick check)")
+    add_data_flags(p)
+    add_accumulator_flags(p)
+    p.add_argument("--build-dir", default="sim_build", help="where simulator builds are kept and reused")
+    p.add_argument("--json", help="write the per-layer results to this JSON file")
+    p.set_defaults(func=cmd_verify)
+
+
+def sim_program(args: argparse.Namespace) -> Program:
+    if bool(args.checkpoint) == bool(args.ir):
+        raise HwqError("give exactly one of --ir or --checkpoint")
+    if args.ir:
+        return load_program(args.ir)
+    prepared = prepare(
+        args.checkpoint, quant_config(args), args.data, args.calibration_images, mult_bits=args.mult_bits
+    )
+    return prepared.program
+
+
+def cmd_sim(args: argparse.Namespace) -> None:
+    accelerator = load_accelerator(args.hw)
+    program = sim_program(args)
+    timing = program_timing(program, accelerator, args.batch)
+    print_sim(program, timing)
+    layers = [layer.to_json() for layer in timing.layers]
+    if args.json:
+        write_json(
+            args.json,
+            {
+                "command": "sim",
+                "hwq_version": __version__,
+                "hw": args.hw,
+                "accelerator": dataclasses.asdict(accelerator),
+                "ir": args.ir,
+                "checkpoint": args.checkpoint,
+                "ir_sha256": program_digest(program),
+                "layers": layers,
+                "total": timing.total_json(),
+            },
+        )
+    if args.csv:
+        write_csv(args.csv, layers)
+
+
+SIM_COLUMNS = "  {:<16} {:>16} {:>6} {:>10} {:>9} {:>8} {:>9} {:>10}"
+
+
+def sim_row(name: str, shape: str, tiles: object, row: dict) -> str:
+    return SIM_COLUMNS.format(
+        name,
+        shape,
+        tiles,
+        f"{row['cycles']:,}",
+        f"{row['stall_cycles']:,}",
+        percent(row["utilization"]),
+        f"{row['dram_bytes'] / 1e3:.1f}",
+        f"{row['energy_pj'] / 1e6:.3f}",
+    )
+
+
+def print_sim(program: Program, timing: ProgramTiming) -> None:
+    hw, acc = timing.accelerator, program.accumulator
+    widths = f"W{hw.weight_bits}A{hw.act_bits}" if hw.weight_bits and hw.act_bits else "program widths"
+    print(
+        f"{hw.name}: {hw.rows}x{hw.cols} {hw.dataflow} array at {hw.clock_mhz:g} MHz, {widths}, "
+        f"{hw.acc_bits}-bit {hw.overflow} accumulator, batch {timing.batch}"
+    )
+    if acc != hw.accumulator():
+        print(
+            f"  note: the program was lowered for a {acc.bits}-bit {acc.overflow} accumulator; "
+            f"hwq eval --acc-bits {hw.acc_bits} --overflow {hw.overflow} gives its accuracy here"
+        )
+    print(SIM_COLUMNS.format("layer", "M x N x K", "tiles", "cycles", "stalls", "util", "DRAM kB", "uJ"))
+    for layer in timing.layers:
+        shape = f"{layer.gemm.m}x{layer.gemm.n}x{layer.gemm.k}" if layer.gemm else "-"
+        print(sim_row(layer.name, shape, layer.mapping.tiles if layer.mapping else "-", layer.to_json()))
+    total = timing.total_json()
+    print(sim_row("total", "", "", total))
+    print(
+        f"latency {1e3 * timing.latency_s:.3f} ms, {timing.fps:,.0f} frames/s, "
+        f"{total['energy_per_inference_pj'] / 1e6:.2f} uJ per inference"
+    )
+
+
+def add_sim_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sim", help="cycles, utilization, DRAM traffic and energy on an accelerator config")
+    p.add_argument("--hw", required=True, help="accelerator description, a TOML file (examples/*.toml)")
+    p.add_argument("--ir", help="an IR file (from hwq train or --save-ir) instead of a checkpoint")
+    add_model_flags(p)
+    p.add_argument("--data", help="CIFAR-10 directory for calibration with --checkpoint")
+    p.add_argument("--batch", type=int, default=1, help="images per run; weights are fetched once per run")
+    p.add_argument("--json", help="write per-layer results and totals to this JSON file")
+    p.add_argument("--csv", help="write the per-layer table to this CSV file")
+    p.set_defaults(func=cmd_sim)
+
+
+SUBCOMMANDS = [add_eval_parser, add_train_parser, add_verify_parser, add_sim_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

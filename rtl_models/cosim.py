@@ -1,0 +1,525 @@
+"""Co-simulation of the RTL against accel_sim: a conv layer as GEMM tiles in, first mismatch out.
+
+A conv layer in im2col form is a GEMM with the datapath's epilogue: M output pixels
+(activation rows of length K = C*k*k, in the accumulation order of docs/datapath.md) times
+N output channels (weight rows), each output starting from acc0 and ending in the
+requantization stage. The array computes it in tiles of rows x cols outputs.
+
+The oracle is accel_sim, never a second model: the expected requantized outputs of a layer
+are what FunctionalSim records for it while running the whole program, and the expected raw
+accumulators come from a one-op program holding the same convolution with an identity
+requantization (mult 1, shift 0, offset 0, 32-bit signed output). Both are computed,
+vectorized, before the simulation; the RTL's recording is compared after it.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from accel_sim.functional import FunctionalSim, accumulator_bound, pad_with_zero_point, wrap_to
+from accel_sim.ir import Accumulator, Conv2d, Program, Requant, TensorSpec
+from accel_sim.timing import tile_compute_cycles
+from hwq import HwqError
+
+from .sim import DEFAULT_BUILD_ROOT, OFFSET_BITS, SHIFT_BITS, ArrayConfig, run_job
+
+IDENTITY_OUT_BITS = 32
+SETTINGS = ("acc_init", "mult", "res_mult", "res_shift", "shift", "offset", "zero_point", "res_in")
+ROW_PRINT_THRESHOLD = 48
+
+
+@dataclass
+class Gemm:
+    """One conv layer in im2col form: the tile operands and accel_sim's answers for them."""
+
+    name: str
+    acts: np.ndarray  # (M, K) activation operands, t in accumulation order
+    weights: np.ndarray  # (N, K)
+    acc_init: np.ndarray  # (N,) acc0, already reduced to the accumulator (ovf(acc0))
+    mult: np.ndarray  # (N,) requantization settings of each output channel
+    res_mult: np.ndarray
+    res_shift: np.ndarray
+    shift: np.ndarray
+    offset: np.ndarray
+    zero_point: np.ndarray
+    residual: np.ndarray  # (M, N) residual operand R - zp_R, 0 where there is none
+    expected_y: np.ndarray  # (M, N) requantized outputs, from accel_sim
+    expected_acc: np.ndarray | None  # (M, N) raw accumulators, None if wider than 32 bits
+    out_shape: tuple[int, int, int, int]  # (images, N, H, W): where GEMM row m sits in the layer
+    act: TensorSpec
+    out: TensorSpec
+    weight_bits: int
+    accumulator: Accumulator
+    mult_bits: int
+    res_bits: int
+
+    @property
+    def m(self) -> int:
+        return self.acts.shape[0]
+
+    @property
+    def n(self) -> int:
+        return self.weights.shape[0]
+
+    @property
+    def k(self) -> int:
+        return self.acts.shape[1]
+
+    def config(self, rows: int, cols: int) -> ArrayConfig:
+        """The RTL build that computes this layer on a rows x cols array."""
+        return ArrayConfig(
+            rows=rows,
+            cols=cols,
+            weight_bits=self.weight_bits,
+            act_bits=self.act.bits,
+            act_signed=self.act.signed,
+            acc_bits=self.accumulator.bits,
+            overflow=self.accumulator.overflow,
+            mult_bits=self.mult_bits,
+            res_bits=self.res_bits,
+            out_bits=self.out.bits,
+            out_signed=self.out.signed,
+        )
+
+    def rows_of(self, start: int, stop: int) -> Gemm:
+        """The GEMM restricted to output rows [start, stop) (a few pixels of a big layer)."""
+        part = slice(start, stop)
+        acc = None if self.expected_acc is None else self.expected_acc[part]
+        return replace(
+            self,
+            acts=self.acts[part],
+            residual=self.residual[part],
+            expected_y=self.expected_y[part],
+            expected_acc=acc,
+        )
+
+
+@dataclass
+class RtlResult:
+    """What the RTL produced for a GEMM, and how many cycles each tile took."""
+
+    acc: np.ndarray  # (M, N)
+    acc_count: np.ndarray  # (M, N) how many times the RTL emitted each accumulator
+    y: np.ndarray
+    y_count: np.ndarray
+    acc_cycles: list[int]  # per tile: first input to last accumulator leaving the array
+    y_cycles: list[int]  # per tile: first input to last requantized output
+
+
+@dataclass
+class LayerReport:
+    """`hwq verify --rtl` for one layer: match or the first mismatch, and cycles."""
+
+    name: str
+    simulator: str
+    config: ArrayConfig
+    m: int
+    n: int
+    k: int
+    tiles: int
+    mismatch: str | None
+    rtl_tile_cycles: list[int]  # distinct per-tile cycles, first input to last accumulator out
+    formula_tile_cycles: int  # accel_sim.timing.tile_compute_cycles for the same tile
+    requant_latency: int  # cycles from an accumulator leaving the array to its requantized output
+    total_cycles: int  # all tiles back to back, each to its last requantized output
+
+    @property
+    def match(self) -> bool:
+        return self.mismatch is None
+
+    @property
+    def cycles_match(self) -> bool:
+        return self.rtl_tile_cycles == [self.formula_tile_cycles]
+
+    def to_json(self) -> dict:
+        fields = (
+            "name",
+            "simulator",
+            "m",
+            "n",
+            "k",
+            "tiles",
+            "match",
+            "mismatch",
+            "rtl_tile_cycles",
+            "formula_tile_cycles",
+            "cycles_match",
+            "requant_latency",
+            "total_cycles",
+        )
+        return {"rows": self.config.rows, "cols": self.config.cols} | {f: getattr(self, f) for f in fields}
+
+
+# ---------------------------------------------------------------------------------------
+# Operands and expected values from accel_sim
+
+
+def initial_accumulator(acc0: np.ndarray, accumulator: Accumulator) -> np.ndarray:
+    """ovf(acc0): the value the datapath starts each sum from (docs/datapath.md, step 3)."""
+    if accumulator.overflow == "wrap":
+        return wrap_to(torch.as_tensor(acc0, dtype=torch.int64), accumulator).numpy()
+    return np.clip(acc0, accumulator.lo, accumulator.hi)
+
+
+def im2col(x: torch.Tensor, op: Conv2d, spec: TensorSpec) -> np.ndarray:
+    """(images * H_out * W_out, C*k*k) operand rows, padded with the zero point, unfold order."""
+    padded = pad_with_zero_point(x, torch.as_tensor(spec.zero_points()), op.padding)
+    cols = F.unfold(padded.to(torch.float64), op.kernel, stride=op.stride)
+    return cols.to(torch.int64).transpose(1, 2).reshape(-1, op.reduction).numpy()
+
+
+def channels_last(t: torch.Tensor) -> np.ndarray:
+    """(images, C, H, W) -> (images * H * W, C): GEMM rows are output pixels."""
+    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1]).numpy()
+
+
+def residual_operand(program: Program, op: Conv2d, activations: dict[str, torch.Tensor]) -> np.ndarray:
+    """R - zp_R at every output, subsampled and channel-padded (option A); zeros without one."""
+    y = program.tensors[op.output]
+    images = activations[op.input].shape[0]
+    res = op.requant.residual
+    if res is None:
+        return np.zeros((images * y.shape[1] * y.shape[2], y.channels), dtype=np.int64)
+    spec = program.tensors[res.input]
+    r = activations[res.input][:, :, :: res.stride, :: res.stride]
+    r = r - torch.as_tensor(spec.zero_points()).view(1, -1, 1, 1)
+    return channels_last(F.pad(r, (0, 0, 0, 0, *res.channel_pad)))
+
+
+def identity_program(program: Program, op: Conv2d) -> Program:
+    """The conv alone, its output the raw accumulator (exact while it fits in 32 bits)."""
+    channels = op.out_channels
+    out = TensorSpec("acc", program.tensors[op.output].shape, IDENTITY_OUT_BITS, signed=True)
+    ones, zeros = np.ones(channels, dtype=np.int64), np.zeros(channels, dtype=np.int64)
+    conv = replace(op, output="acc", requant=Requant(mult=ones, shift=zeros, offset=zeros))
+    return Program(
+        tensors={op.input: program.tensors[op.input], "acc": out},
+        ops=[conv],
+        input=op.input,
+        output="acc",
+        accumulator=program.accumulator,
+        mult_bits=program.mult_bits,
+    )
+
+
+def raw_accumulators(program: Program, op: Conv2d, x: torch.Tensor) -> np.ndarray | None:
+    if program.accumulator.bits > IDENTITY_OUT_BITS:
+        return None
+    single = identity_program(program, op)
+    acc = FunctionalSim(single).run(x).logits.reshape(x.shape[0], op.out_channels, -1)
+    return acc.transpose(1, 2).reshape(-1, op.out_channels).numpy()
+
+
+def layer_gemm(program: Program, op: Conv2d, activations: dict[str, torch.Tensor]) -> Gemm:
+    """The GEMM of conv `op`, from the tensors a FunctionalSim run of `program` recorded."""
+    x_spec, y_spec = program.tensors[op.input], program.tensors[op.output]
+    x, rq, res = activations[op.input], op.requant, op.requant.residual
+    none = np.zeros_like(rq.mult)
+    res_mult, res_shift = (none, none) if res is None else (res.mult, res.shift)
+    res_spec = x_spec if res is None else program.tensors[res.input]
+    acc0 = accumulator_bound(op.weight, op.bias, x_spec).init
+    return Gemm(
+        name=op.name,
+        acts=im2col(x, op, x_spec),
+        weights=op.weight.reshape(op.out_channels, -1).astype(np.int64),
+        acc_init=initial_accumulator(acc0, program.accumulator),
+        mult=rq.mult,
+        res_mult=res_mult,
+        res_shift=res_shift,
+        shift=rq.shift,
+        offset=rq.offset,
+        zero_point=y_spec.zero_points(),
+        residual=residual_operand(program, op, activations),
+        expected_y=channels_last(activations[op.output]),
+        expected_acc=raw_accumulators(program, op, x),
+        out_shape=(x.shape[0], *y_spec.shape),
+        act=x_spec,
+        out=y_spec,
+        weight_bits=op.weight_bits,
+        accumulator=program.accumulator,
+        mult_bits=program.mult_bits,
+        res_bits=res_spec.bits + 1,
+    )
+
+
+def conv_op(program: Program, name: str) -> Conv2d:
+    try:
+        op = program.op(name)
+    except KeyError:
+        names = ", ".join(op.name for op in program.conv_ops())
+        raise HwqError(f"no layer named {name!r} (conv layers: {names})") from None
+    if not isinstance(op, Conv2d):
+        raise HwqError(f"layer {name!r} is a {op.kind}: only convolutions run on the MAC array")
+    return op
+
+
+def square_side(m: int) -> int:
+    """Side of the smallest square map with at least m pixels (the IR validates square maps)."""
+    return math.isqrt(m - 1) + 1
+
+
+def gemm_program(
+    k: int,
+    m: int,
+    weights: np.ndarray,
+    act: TensorSpec,
+    weight_bits: int,
+    bias: np.ndarray,
+    requant: Requant,
+    out: TensorSpec,
+    accumulator: Accumulator,
+    mult_bits: int = 16,
+) -> Program:
+    """A GEMM as a one-op program: a 1x1 conv whose output pixels are the GEMM's rows.
+
+    The M rows sit in the first M pixels of a square (K, s, s) input; `act` and `out` give
+    bits, signedness and zero points, their names and shapes are set here.
+    """
+    side, n = square_side(m), weights.shape[0]
+    x = replace(act, name="x", shape=(k, side, side))
+    y = replace(out, name="y", shape=(n, side, side))
+    conv = Conv2d(
+        name="gemm",
+        input="x",
+        output="y",
+        weight=weights.reshape(n, k, 1, 1).astype(np.int64),
+        weight_bits=weight_bits,
+        bias=np.asarray(bias, dtype=np.int64),
+        stride=1,
+        padding=0,
+        requant=requant,
+    )
+    program = Program(
+        tensors={"x": x, "y": y},
+        ops=[conv],
+        input="x",
+        output="y",
+        accumulator=accumulator,
+        mult_bits=mult_bits,
+    )
+    program.validate()
+    return program
+
+
+def gemm_case(
+    acts: np.ndarray,
+    weights: np.ndarray,
+    act: TensorSpec,
+    weight_bits: int,
+    bias: np.ndarray,
+    requant: Requant,
+    out: TensorSpec,
+    accumulator: Accumulator,
+    mult_bits: int = 16,
+) -> Gemm:
+    """The Gemm of given operand rows, with accel_sim's answers from its one-op program."""
+    m, k = acts.shape
+    program = gemm_program(k, m, weights, act, weight_bits, bias, requant, out, accumulator, mult_bits)
+    side = program.tensors["x"].shape[1]
+    image = np.zeros((k, side * side), dtype=np.int64)
+    image[:, :m] = acts.T
+    x = torch.as_tensor(image).reshape(1, k, side, side)
+    return program_gemm(program, x, "gemm").rows_of(0, m)
+
+
+def program_gemm(program: Program, images: torch.Tensor, layer: str) -> Gemm:
+    """Run `program` on accel_sim and take layer `layer`'s GEMM from what it recorded."""
+    op = conv_op(program, layer)
+    activations = FunctionalSim(program).run(images, record=True).activations
+    return layer_gemm(program, op, activations)
+
+
+# ---------------------------------------------------------------------------------------
+# Tiles in, recording out
+
+
+def pack(values: np.ndarray, bits: int) -> int:
+    """Lane i of the bus holds values[i] in two's complement, lane 0 in the low bits."""
+    mask, word = (1 << bits) - 1, 0
+    for i, v in enumerate(np.asarray(values).ravel().tolist()):
+        word |= (v & mask) << (i * bits)
+    return word
+
+
+def lane(word: int, index: int, bits: int, signed: bool) -> int:
+    v = (word >> (index * bits)) & ((1 << bits) - 1)
+    return v - (1 << bits) if signed and v >> (bits - 1) else v
+
+
+def tile_origins(gemm: Gemm, config: ArrayConfig) -> list[tuple[int, int]]:
+    """(first row, first column) of each tile: output channels outer, pixels inner."""
+    return [(m0, n0) for n0 in range(0, gemm.n, config.cols) for m0 in range(0, gemm.m, config.rows)]
+
+
+def padded(block: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Zero-fill an edge tile to the full array (the extra rows and columns are ignored)."""
+    out = np.zeros(shape, dtype=np.int64)
+    out[tuple(slice(0, s) for s in block.shape)] = block
+    return out
+
+
+def tile_job(gemm: Gemm, config: ArrayConfig) -> dict:
+    """The testbench's input: every bus value of every tile, packed."""
+    r, c = config.rows, config.cols
+    tiles = []
+    for m0, n0 in tile_origins(gemm, config):
+        rows, cols = slice(m0, m0 + r), slice(n0, n0 + c)
+        acts = padded(gemm.acts[rows], (r, gemm.k))
+        weights = padded(gemm.weights[cols], (c, gemm.k))
+        lanes = {
+            "acc_init": (gemm.acc_init, config.acc_bits),
+            "mult": (gemm.mult, config.mult_bits),
+            "res_mult": (gemm.res_mult, config.mult_bits),
+            "res_shift": (gemm.res_shift, SHIFT_BITS),
+            "shift": (gemm.shift, SHIFT_BITS),
+            "offset": (gemm.offset, OFFSET_BITS),
+            "zero_point": (gemm.zero_point, config.out_bits + 1),
+        }
+        settings = {name: pack(padded(values[cols], (c,)), bits) for name, (values, bits) in lanes.items()}
+        settings["res_in"] = pack(padded(gemm.residual[rows, cols], (r, c)), config.res_bits)
+        tiles.append(
+            {
+                "settings": settings,
+                "act": [pack(acts[:, t], config.act_bits) for t in range(gemm.k)],
+                "wgt": [pack(weights[:, t], config.weight_bits) for t in range(gemm.k)],
+            }
+        )
+    return {
+        "settings": list(SETTINGS),
+        "tiles": tiles,
+        "outputs_per_tile": r * c,
+        "timeout_cycles": gemm.k + 4 * (r + c) + 16,
+    }
+
+
+def decode(recording: dict, gemm: Gemm, config: ArrayConfig) -> RtlResult:
+    """Place every recorded output at its (m, n); count emissions; time each tile."""
+    shape = (gemm.m, gemm.n)
+    out = {key: (np.zeros(shape, dtype=np.int64), np.zeros(shape, dtype=np.int64)) for key in ("acc", "y")}
+    widths = {"acc": (config.acc_bits, True), "y": (config.out_bits, config.out_signed)}
+    cycles: dict[str, list[int]] = {"acc": [], "y": []}
+    for (m0, n0), tile in zip(tile_origins(gemm, config), recording["tiles"], strict=True):
+        for key, (values, counts) in out.items():
+            bits, signed = widths[key]
+            for _edge, mask, rows, data in tile[key]:
+                for c in range(config.cols):
+                    if not mask >> c & 1:
+                        continue
+                    m, n = m0 + lane(rows, c, config.row_bits, False), n0 + c
+                    if m < gemm.m and n < gemm.n:
+                        values[m, n] = lane(data, c, bits, signed)
+                        counts[m, n] += 1
+            cycles[key].append(tile[key][-1][0] + 1 if tile[key] else 0)
+    return RtlResult(
+        acc=out["acc"][0],
+        acc_count=out["acc"][1],
+        y=out["y"][0],
+        y_count=out["y"][1],
+        acc_cycles=cycles["acc"],
+        y_cycles=cycles["y"],
+    )
+
+
+def run_gemm(
+    gemm: Gemm, rows: int, cols: int, simulator: str, build_root: Path = DEFAULT_BUILD_ROOT
+) -> RtlResult:
+    config = gemm.config(rows, cols)
+    return decode(run_job(tile_job(gemm, config), config, simulator, build_root), gemm, config)
+
+
+# ---------------------------------------------------------------------------------------
+# Comparison
+
+
+def operand_row(values: np.ndarray) -> str:
+    return np.array2string(
+        values, separator=",", threshold=ROW_PRINT_THRESHOLD, edgeitems=16, max_line_width=sys.maxsize
+    )
+
+
+def describe(
+    gemm: Gemm, config: ArrayConfig, stage: str, m: int, n: int, got: int, count: int, want: int
+) -> str:
+    """The first mismatch: where it is, both values and every input that produced it."""
+    images, _, h, w = gemm.out_shape
+    image, pixel = divmod(m, h * w)
+    tile = tile_origins(gemm, config).index((m - m % config.rows, n - n % config.cols))
+    rtl = f"RTL {got}" if count == 1 else f"RTL emitted it {count} times"
+    return (
+        f"{gemm.name}: {stage} mismatch at output (image {image}, channel {n}, y {pixel // w}, "
+        f"x {pixel % w}), GEMM element (m={m}, n={n}), tile {tile} "
+        f"(array row {m % config.rows}, column {n % config.cols}): "
+        f"{rtl}, accel_sim {want}. Inputs: activation row acts[{m}] = {operand_row(gemm.acts[m])}; "
+        f"weight row weights[{n}] = {operand_row(gemm.weights[n])}; acc_init {gemm.acc_init[n]} "
+        f"({gemm.accumulator.bits}-bit {gemm.accumulator.overflow}); requant mult {gemm.mult[n]} "
+        f"shift {gemm.shift[n]} offset {gemm.offset[n]} zero point {gemm.zero_point[n]} "
+        f"residual {gemm.residual[m, n]} x res_mult {gemm.res_mult[n]} << res_shift {gemm.res_shift[n]}"
+    )
+
+
+def first_mismatch(gemm: Gemm, result: RtlResult, config: ArrayConfig) -> str | None:
+    """None when the RTL matches accel_sim on every accumulator and output; else the first difference."""
+    stages = (
+        ("accumulator", result.acc, result.acc_count, gemm.expected_acc),
+        ("output", result.y, result.y_count, gemm.expected_y),
+    )
+    for stage, got, count, want in stages:
+        if want is None:
+            continue
+        bad = (got != want) | (count != 1)
+        if bad.any():
+            m, n = (int(i) for i in np.argwhere(bad)[0])
+            return describe(gemm, config, stage, m, n, int(got[m, n]), int(count[m, n]), int(want[m, n]))
+    return None
+
+
+def verify_gemm(
+    gemm: Gemm, rows: int, cols: int, simulator: str, build_root: Path = DEFAULT_BUILD_ROOT
+) -> LayerReport:
+    """Run the GEMM's tiles on the RTL and compare with accel_sim, bit for bit and cycle for cycle."""
+    config = gemm.config(rows, cols)
+    result = run_gemm(gemm, rows, cols, simulator, build_root)
+    return LayerReport(
+        name=gemm.name,
+        simulator=simulator,
+        config=config,
+        m=gemm.m,
+        n=gemm.n,
+        k=gemm.k,
+        tiles=len(result.acc_cycles),
+        mismatch=first_mismatch(gemm, result, config),
+        rtl_tile_cycles=sorted(set(result.acc_cycles)),
+        formula_tile_cycles=tile_compute_cycles(rows, cols, gemm.k),
+        requant_latency=max(y - a for y, a in zip(result.y_cycles, result.acc_cycles, strict=True)),
+        total_cycles=sum(result.y_cycles),
+    )
+
+
+def verify_program(
+    program: Program,
+    images: torch.Tensor,
+    layers: list[str],
+    rows: int,
+    cols: int,
+    simulator: str,
+    build_root: Path = DEFAULT_BUILD_ROOT,
+    pixels: int | None = None,
+) -> list[LayerReport]:
+    """Each conv layer in `layers`, fed the input accel_sim computed for it, on the RTL.
+
+    `pixels` keeps only the first output pixels of each layer (a quick check of big layers).
+    """
+    ops = [conv_op(program, name) for name in layers]
+    activations = FunctionalSim(program).run(images, record=True).activations
+    reports = []
+    for op in ops:
+        gemm = layer_gemm(program, op, activations)
+        reports.append(verify_gemm(gemm.rows_of(0, pixels or gemm.m), rows, cols, simulator, build_root))
+    return reports
