@@ -14,7 +14,7 @@ from pathlib import Path
 logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", module="brevitas")
 
-from accel_sim.hardware import load_accelerator  # noqa: E402
+from accel_sim.hardware import load_accelerator, toml_key  # noqa: E402
 from accel_sim.ir import Accumulator, IRError, Program, load_program, program_digest, save_program  # noqa: E402
 from accel_sim.timing import ProgramTiming, program_timing  # noqa: E402
 
@@ -207,15 +207,19 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     flags given again must agree and only budget and execution flags may change."""
     given = {k: v for k, v in vars(args).items() if v is not None and k not in ("func", "command", "resume")}
     eda_given = {f: given.pop(f) for f in EDA_FLAGS if f in given}
+    if "acc_bits" in given:
+        given["accumulator_bits"] = given.pop("acc_bits")
+    if "hw" in given:
+        given |= hardware_settings(given["hw"], given)
     config_file = Path(args.out) / "config.json"
     if args.resume and config_file.exists():
         cfg = TrainConfig.from_json(json.loads(config_file.read_text()))
     else:
-        if not args.checkpoint or args.wbits is None or args.abits is None:
-            raise HwqError("--checkpoint, --wbits and --abits are required for a new run")
-        cfg = TrainConfig(checkpoint=args.checkpoint, out=args.out, wbits=args.wbits, abits=args.abits)
-    if "acc_bits" in given:
-        given["accumulator_bits"] = given.pop("acc_bits")
+        if not args.checkpoint or given.get("wbits") is None or given.get("abits") is None:
+            raise HwqError("--checkpoint, --wbits and --abits (or a --hw file with [precision]) are required")
+        cfg = TrainConfig(
+            checkpoint=args.checkpoint, out=args.out, wbits=given["wbits"], abits=given["abits"]
+        )
     if "layers" in given:
         given["layers"] = tuple(given["layers"].split(","))
     if given.get("budget_evals") is not None:
@@ -226,6 +230,37 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     if eda_given:
         cfg = dataclasses.replace(cfg, eda=dataclasses.replace(cfg.eda, **eda_given))
     return cfg
+
+
+HW_SETTINGS = {  # TrainConfig field: (flag, the Accelerator's attribute)
+    "wbits": ("--wbits", "weight_bits"),
+    "abits": ("--abits", "act_bits"),
+    "accumulator_bits": ("--acc-bits", "acc_bits"),
+    "overflow": ("--overflow", "overflow"),
+}
+
+
+def hardware_settings(path: str, given: dict) -> dict:
+    """The operand widths and accumulator a --hw file fixes, checked against the flags.
+
+    Training for an accelerator means training for its arithmetic: the accumulator must be
+    the hardware's, and operands may be narrower than its PEs (they are extended) but never
+    wider. A [precision]-less file leaves the widths to --wbits/--abits.
+    """
+    accelerator = load_accelerator(path)
+    settings = {}
+    for field_name, (flag, attr) in HW_SETTINGS.items():
+        value = getattr(accelerator, attr)
+        if value is None:
+            continue
+        flag_value = given.get(field_name)
+        if flag_value is None:
+            settings[field_name] = value
+            continue
+        must_equal = attr in ("acc_bits", "overflow")
+        if flag_value != value if must_equal else flag_value > value:
+            raise HwqError(f"{flag} {flag_value} does not fit {path}, whose {toml_key(attr)} is {value}")
+    return settings
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -265,6 +300,9 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--first-wbits", type=int, help="weight bits of the first conv (default: --wbits)")
     p.add_argument("--last-wbits", type=int, help="weight bits of the classifier (default: --wbits)")
+    p.add_argument(
+        "--hw", help="accelerator TOML (examples/*.toml): its operand widths and accumulator are the target's"
+    )
     p.add_argument("--acc-bits", type=int, help="accumulator width (default 32)")
     p.add_argument(
         "--overflow", choices=("wrap", "saturate"), help="accumulator overflow mode (default wrap)"
@@ -471,7 +509,105 @@ def add_sim_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_sim)
 
 
+def sweep_config(args: argparse.Namespace) -> SweepConfig:  # noqa: F821 (imported in cmd_sweep)
+    """Flags given override the grid that --full selects (the small grid without it)."""
+    from .sweep import FULL_GRID, SMALL_GRID, SweepConfig, parse_arrays, parse_int_list, parse_overflow
+
+    grid = FULL_GRID if args.full else SMALL_GRID
+    if args.jobs is not None and args.jobs < 1:
+        raise HwqError("--jobs must be at least 1")
+    return SweepConfig(
+        checkpoint=args.checkpoint,
+        out=args.out,
+        data=args.data,
+        wbits=parse_int_list(args.wbits, "--wbits") if args.wbits else grid["wbits"],
+        abits=parse_int_list(args.abits, "--abits") if args.abits else grid["abits"],
+        acc_bits=parse_int_list(args.acc_bits, "--acc-bits") if args.acc_bits else grid["acc_bits"],
+        overflow=parse_overflow(args.overflow) if args.overflow else grid["overflow"],
+        per_channel=args.per_channel,
+        hw=args.hw or SweepConfig.hw,
+        arrays=parse_arrays(args.arrays) if args.arrays else grid["arrays"],
+        area=tuple(args.area or ()),
+        train_budget=args.train_budget,
+        seed=args.seed,
+        jobs=args.jobs or 1,
+        limit=(args.limit or None) if args.limit is not None else grid["limit"],
+        val_fraction=args.val_fraction,
+        split_seed=args.split_seed,
+        calibration_images=args.calibration_images,
+        mult_bits=args.mult_bits,
+        batch=args.batch,
+        device=args.device,
+    )
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from .sweep import sweep
+
+    summary = sweep(sweep_config(args))
+    if summary.skipped:
+        names = ", ".join(p.name for p in summary.skipped[:4]) + (" ..." if len(summary.skipped) > 4 else "")
+        print(f"skipped {len(summary.skipped)} point(s) whose accumulator cannot hold one product: {names}")
+    print(
+        f"{summary.points} points: {summary.already_done} already done, {summary.measured} measured; "
+        f"results in {summary.results} (hwq report --results {Path(summary.results).parent} --out DIR)"
+    )
+
+
+def add_sweep_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sweep", help="accuracy, overflows, cycles, energy and area over a grid of bit widths (resumable)"
+    )
+    p.add_argument("--checkpoint", required=True, help="float checkpoint path, or 'resnet20'")
+    p.add_argument("--data", help="CIFAR-10 directory (default: $HWQ_DATA, then ~/.cache/hwq/cifar10)")
+    p.add_argument("--out", required=True, help="sweep directory: results.jsonl, sweep.json, ir/, train/")
+    p.add_argument("--full", action="store_true", help="the full grid (default: a small grid of minutes)")
+    p.add_argument("--wbits", help="weight bits, e.g. 2,3,4,8 or 2-8 (default small grid: 2,3,4,8)")
+    p.add_argument("--abits", help="activation bits (default small grid: 4,8)")
+    p.add_argument("--acc-bits", help="accumulator bits (default small grid: 10,12,14,16,18,20,24,32)")
+    p.add_argument("--overflow", help="overflow modes, e.g. wrap,saturate (default both)")
+    p.add_argument("--per-channel", action="store_true", help="per-output-channel weight scales")
+    p.add_argument("--hw", help="accelerator TOML for timing and energy (default examples/rtl_8x8.toml)")
+    p.add_argument("--arrays", help="array sizes, e.g. 8x8,16x16 (default: the --hw file's)")
+    p.add_argument(
+        "--area", action="append", help="CSV of python -m rtl_models.area (repeatable: one per overflow mode)"
+    )
+    p.add_argument("--train-budget", type=int, help="also train each point with CC-EDA for N evaluations")
+    p.add_argument("--seed", type=int, default=0, help="seed of the CC-EDA training (default 0)")
+    p.add_argument("--jobs", type=int, help="lowered programs measured in parallel processes (default 1)")
+    p.add_argument(
+        "--limit", type=int, help="accuracy on the first N val images (default small grid: 500; 0: all)"
+    )
+    p.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION, help="held-out share")
+    p.add_argument("--split-seed", type=int, default=DEFAULT_SPLIT_SEED, help="seed of the train/val split")
+    p.add_argument("--calibration-images", type=int, default=DEFAULT_CALIBRATION_IMAGES)
+    p.add_argument("--mult-bits", type=int, default=16, help="requantization multiplier width")
+    p.add_argument("--batch", type=int, default=1, help="images per run in the timing model")
+    p.add_argument("--device", default="cpu", help="torch device for accel_sim (cpu, cuda)")
+    p.set_defaults(func=cmd_sweep)
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from .report import build_report
+
+    report = build_report(args.results, args.out)
+    print(
+        f"wrote {report.out / 'report.html'}, {report.out / 'summary.md'}, "
+        f"{len(report.figures)} figures and {len(report.tables)} tables"
+    )
+    for name, why in report.missing.items():
+        print(f"  {name}: {why}")
+
+
+def add_report_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="HTML report, Markdown summary, figures and CSV tables of a sweep")
+    p.add_argument("--results", required=True, help="a sweep directory or its results.jsonl")
+    p.add_argument("--out", required=True, help="directory for report.html, summary.md, figures/, tables/")
+    p.set_defaults(func=cmd_report)
+
+
 SUBCOMMANDS = [add_eval_parser, add_train_parser, add_verify_parser, add_sim_parser]
+SUBCOMMANDS += [add_sweep_parser, add_report_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

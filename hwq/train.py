@@ -76,6 +76,7 @@ class TrainConfig:
     accumulator_bits: int = 32
     overflow: str = "wrap"
     mult_bits: int = 16
+    hw: str | None = None  # the accelerator TOML the widths and accumulator came from
     seed: int = 0
     budget_evals: int | None = None
     budget_minutes: float | None = None

@@ -7,11 +7,14 @@ import json
 import numpy as np
 import pytest
 
+from accel_sim.functional import FunctionalSim
 from accel_sim.ir import load_program
 from hwq import HwqError
 from hwq.cceda import EDAConfig
 from hwq.cli import main
-from hwq.evaluator import SimEvaluator
+from hwq.data import load_split
+from hwq.evaluate import evaluate_program, prepare
+from hwq.evaluator import BrevitasEvaluator, IntegerFitness, SimEvaluator
 from hwq.train import TrainConfig, train
 
 from .helpers import write_checkpoint, write_cifar_batches
@@ -178,3 +181,65 @@ def test_cli_trains_and_resumes_from_the_run_directory(workspace, capsys):
     assert "held-out accuracy on accel_sim" in text and "final IR" in text
     assert json.loads((root / "cli" / "summary.json").read_text())["evaluations"] == 16
     assert main(["train", "--out", out, "--resume", "--budget-evals", "24", "--wbits", "3"]) == 2
+
+
+HW_TOML = """
+name = "tiny"
+[array]
+rows = 4
+cols = 4
+dataflow = "os"
+clock_mhz = 100
+[precision]
+weight_bits = 4
+act_bits = 8
+[accumulator]
+bits = 20
+overflow = "saturate"
+[buffers]
+weight_bytes = 4096
+input_bytes = 4096
+output_bytes = 4096
+[dram]
+bytes_per_cycle = 4
+"""
+
+
+def test_hw_file_sets_the_target_arithmetic(workspace, capsys):
+    root, data, checkpoint = workspace
+    hw = root / "tiny.toml"
+    hw.write_text(HW_TOML)
+    out = root / "hw"
+    common = ["train", "--checkpoint", checkpoint, "--data", data, "--hw", str(hw), "--layers", "fc"]
+    small = ["--population", "4", "--selected", "2", "--fitness-images", "16", "--calibration-images", "32"]
+    assert main([*common, "--budget-evals", "4", "--out", str(out), *small]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["wbits"], cfg["abits"], cfg["accumulator_bits"], cfg["overflow"]) == (4, 8, 20, "saturate")
+    assert load_program(out / "final.ir").accumulator.bits == 20
+    assert main([*common, "--wbits", "3", "--budget-evals", "4", "--out", str(root / "hw3"), *small]) == 0
+    assert json.loads((root / "hw3" / "config.json").read_text())["wbits"] == 3
+    capsys.readouterr()
+    assert main([*common, "--wbits", "6", "--budget-evals", "4", "--out", str(root / "hw6")]) == 2
+    assert "--wbits 6 does not fit" in capsys.readouterr().err
+    assert main([*common, "--acc-bits", "32", "--budget-evals", "4", "--out", str(root / "hw32")]) == 2
+    assert "accumulator.bits is 20" in capsys.readouterr().err
+
+
+def test_brevitas_target_scores_like_accel_sim_and_is_reevaluated_on_it(workspace):
+    """Fake-quant fitness must see the same network as accel_sim (its logits, rounded to the
+    program's logit LSB, land within a few LSB), and its result is re-scored on accel_sim."""
+    cfg = config(workspace, "brevitas", 24, target="brevitas")
+    prepared = prepare(cfg.checkpoint, cfg.quant(), cfg.data, cfg.calibration_images)
+    ds = load_split(cfg.data, "train").head(32)
+    brevitas = BrevitasEvaluator(prepared.qmodel, prepared.program, IntegerFitness("margin", 1))
+    brevitas.set_batch(ds.images, ds.labels)
+    brevitas.set_solution({op.name: op.weight for op in prepared.program.conv_ops()})
+    sim_logits = FunctionalSim(prepared.program).run(ds.images).logits
+    assert (brevitas.integer_logits() - sim_logits).abs().double().median() <= 2
+
+    summary = train(cfg)
+    run = workspace[0] / "brevitas"
+    assert json.loads((run / "config.json").read_text())["target"] == "brevitas"
+    final = load_program(run / "final.ir")
+    assert final.meta["training"]["target"] == "brevitas" and summary["evaluations"] == 24
+    assert evaluate_program(final, load_split(cfg.data, "val")).accuracy == summary["final_val_accuracy"]
