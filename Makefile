@@ -9,7 +9,7 @@ DATA_FLAG := $(if $(DATA),--data $(DATA),)
 OUT       ?= runs/demo
 DEMO_EVALS ?= 2000
 
-.PHONY: install test test-slow demo bench lint
+.PHONY: install test test-slow demo bench lint report
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || python3 -m venv $(VENV)
@@ -36,3 +36,24 @@ bench: install
 
 lint: install
 	$(BIN)/ruff check .
+
+# Accuracy vs accelerator bit width (README "Reports"): the small grid, one CC-EDA point,
+# Yosys area where Yosys is installed. REPORT_FLAGS=--full for the full grid; rerunning
+# resumes (finished points are kept in $(REPORT_OUT)/results.jsonl).
+REPORT_OUT   ?= runs/report
+REPORT_JOBS  ?= 2
+REPORT_FLAGS ?=
+REPORT_TRAIN_EVALS ?= 160
+AREA_GRID    := --weight-bits 2,4,8 --act-bits 4,8 --acc-bits 12,14,16,18,20,24,32 --flavour generic
+AREA_FILES   := $(if $(shell command -v yosys),$(REPORT_OUT)/area-wrap.csv $(REPORT_OUT)/area-saturate.csv,)
+SWEEP        := $(BIN)/hwq sweep --checkpoint $(CHECKPOINT) $(DATA_FLAG) --out $(REPORT_OUT) \
+	--jobs $(REPORT_JOBS) $(foreach f,$(AREA_FILES),--area $(f))
+
+$(REPORT_OUT)/area-%.csv: | $(STAMP)
+	$(BIN)/python -m rtl_models.area --out $@ $(AREA_GRID) --overflow $* --jobs $(REPORT_JOBS)
+
+report: install $(AREA_FILES)
+	$(SWEEP) $(REPORT_FLAGS)
+	$(if $(filter-out 0,$(REPORT_TRAIN_EVALS)),$(SWEEP) --wbits 4 --abits 8 --acc-bits 16 --overflow wrap \
+		--train-budget $(REPORT_TRAIN_EVALS) $(REPORT_FLAGS))
+	$(BIN)/hwq report --results $(REPORT_OUT) --out $(REPORT_OUT)/report

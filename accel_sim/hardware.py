@@ -150,8 +150,16 @@ TOML_LAYOUT: dict[str, tuple[str | None, str]] = {
     "output_buffer_bytes": ("buffers", "output_bytes"),
     "dram_bytes_per_cycle": ("dram", "bytes_per_cycle"),
 }
-REQUIRED = ("rows", "cols", "dataflow", "clock_mhz", "weight_buffer_bytes", "input_buffer_bytes",
-            "output_buffer_bytes", "dram_bytes_per_cycle")
+REQUIRED = (
+    "rows",
+    "cols",
+    "dataflow",
+    "clock_mhz",
+    "weight_buffer_bytes",
+    "input_buffer_bytes",
+    "output_buffer_bytes",
+    "dram_bytes_per_cycle",
+)
 
 
 def toml_key(attr: str) -> str:

@@ -313,8 +313,13 @@ def stored_bits(spec: TensorSpec, hw_act_bits: int | None) -> int:
 
 
 def finish_layer(
-    acc: Accelerator, op: Op, compute: int, traffic: Traffic, arithmetic_pj: float,
-    gemm: Gemm | None = None, mapping: Mapping | None = None,
+    acc: Accelerator,
+    op: Op,
+    compute: int,
+    traffic: Traffic,
+    arithmetic_pj: float,
+    gemm: Gemm | None = None,
+    mapping: Mapping | None = None,
 ) -> LayerTiming:
     """Stalls and energy: DRAM transfers overlap compute (double-buffered prefetch), so a
     layer takes max(compute, DRAM bytes / bandwidth) cycles."""

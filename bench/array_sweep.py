@@ -38,9 +38,11 @@ def print_sweep(sweep: dict[int, ProgramTiming]) -> None:
         total = timing.total_json()
         layers = {layer.name: layer for layer in timing.layers}
         small = "".join(f"{100 * layers[name].utilization:>19.2f}%" for name in SMALL_LAYERS)
-        print(f"{size:>3}x{size:<3} {total['cycles']:>10,} {total['stall_cycles']:>9,} "
-              f"{100 * total['utilization']:>6.2f}% {1e3 * total['latency_s']:>11.4f} "
-              f"{total['energy_per_inference_pj'] / 1e6:>8.2f}{small}")
+        print(
+            f"{size:>3}x{size:<3} {total['cycles']:>10,} {total['stall_cycles']:>9,} "
+            f"{100 * total['utilization']:>6.2f}% {1e3 * total['latency_s']:>11.4f} "
+            f"{total['energy_per_inference_pj'] / 1e6:>8.2f}{small}"
+        )
 
 
 def main() -> int:
@@ -58,8 +60,10 @@ def main() -> int:
     start = time.perf_counter()
     sweep = {n: program_timing(program, dataclasses.replace(base, rows=n, cols=n)) for n in SIZES}
     seconds = time.perf_counter() - start
-    print(f"{base.name} ({base.dataflow}, {base.clock_mhz:g} MHz), array swept; "
-          f"{len(SIZES)} configurations modelled in {1e3 * seconds:.1f} ms")
+    print(
+        f"{base.name} ({base.dataflow}, {base.clock_mhz:g} MHz), array swept; "
+        f"{len(SIZES)} configurations modelled in {1e3 * seconds:.1f} ms"
+    )
     print_sweep(sweep)
     checks = {
         "cycles fall as the array grows": falling([t.cycles for t in sweep.values()]),

@@ -116,7 +116,9 @@ def run_scalesim(program: Program, rows: int, cols: int, dataflow: str) -> tuple
         (work / "topology.csv").write_text(topology_csv(program))
         done = subprocess.run(
             [scalesim_python(), "-c", DRIVER, work / "hw.cfg", work / "topology.csv", work / "out"],
-            check=True, capture_output=True, text=True,
+            check=True,
+            capture_output=True,
+            text=True,
         )
         seconds = float(done.stdout.strip().splitlines()[-1])
         with open(next((work / "out").rglob("COMPUTE_REPORT.csv"))) as f:
@@ -126,9 +128,16 @@ def run_scalesim(program: Program, rows: int, cols: int, dataflow: str) -> tuple
 
 def unconstrained(rows: int, cols: int, dataflow: str) -> Accelerator:
     """Buffers and bandwidth that never limit, as in the SCALE-Sim run."""
-    return Accelerator(rows=rows, cols=cols, dataflow=dataflow, clock_mhz=1000.0,
-                       weight_buffer_bytes=UNLIMITED, input_buffer_bytes=UNLIMITED,
-                       output_buffer_bytes=UNLIMITED, dram_bytes_per_cycle=float(UNLIMITED))
+    return Accelerator(
+        rows=rows,
+        cols=cols,
+        dataflow=dataflow,
+        clock_mhz=1000.0,
+        weight_buffer_bytes=UNLIMITED,
+        input_buffer_bytes=UNLIMITED,
+        output_buffer_bytes=UNLIMITED,
+        dram_bytes_per_cycle=float(UNLIMITED),
+    )
 
 
 def time_accel_sim(program: Program, accelerator: Accelerator, repeats: int) -> float:
@@ -157,10 +166,14 @@ def compare(program: Program, rows: int, cols: int, dataflow: str, repeats: int)
         print(f"  {op.name:<16} {shape:>14} {cycles:>10,} {layer.compute_cycles:>10,} {100 * diff:>8.3f}%")
     total_theirs = sum(theirs)
     total_ours = sum(ours[op.name].compute_cycles for op in program.conv_ops())
-    print(f"  {'total':<16} {'':>14} {total_theirs:>10,} {total_ours:>10,} "
-          f"{100 * (total_ours - total_theirs) / total_theirs:>8.3f}%")
-    print(f"  max |relative difference| {100 * worst:.3f} %; run time SCALE-Sim {scalesim_s:.2f} s, "
-          f"accel_sim {1e3 * accel_s:.3f} ms: {scalesim_s / accel_s:,.0f}x faster")
+    print(
+        f"  {'total':<16} {'':>14} {total_theirs:>10,} {total_ours:>10,} "
+        f"{100 * (total_ours - total_theirs) / total_theirs:>8.3f}%"
+    )
+    print(
+        f"  max |relative difference| {100 * worst:.3f} %; run time SCALE-Sim {scalesim_s:.2f} s, "
+        f"accel_sim {1e3 * accel_s:.3f} ms: {scalesim_s / accel_s:,.0f}x faster"
+    )
     return worst
 
 

@@ -176,6 +176,7 @@ class _Run:
         self.batch = np.empty(0, dtype=np.int64)
         self.elapsed = 0.0
         self.history: list[dict] = []
+        self.best_val: dict | None = None
         self.stop_requested = False
 
     def check_run_dir(self, resume: bool) -> None:
@@ -212,6 +213,7 @@ class _Run:
             "evaluations": self.evaluator.evaluations,
             "macs": self.evaluator.macs,
             "history": self.history,
+            "best_val": self.best_val,
         }
         atomic_write_bytes(self.dir / STATE_FILE, pickle.dumps(state))
 
@@ -225,6 +227,7 @@ class _Run:
         self.elapsed = state["elapsed"]
         self.evaluator.evaluations, self.evaluator.macs = state["evaluations"], state["macs"]
         self.history = state["history"]
+        self.best_val = state.get("best_val")
         self.evaluator.set_batch(self.train.images[self.batch], self.train.labels[self.batch])
         if self.evaluator.set_solution(self.best_weights()) != saved_fitness:
             raise HwqError(f"{self.dir / STATE_FILE} does not reproduce its own best fitness")
@@ -329,23 +332,36 @@ class _Run:
         )
         if evaluate:
             entry["val_accuracy"] = self.held_out_accuracy()
-            self.history.append(
-                {k: entry[k] for k in ("generation", "evaluations", "elapsed_s", "val_accuracy")}
-            )
+            point = {k: entry[k] for k in ("generation", "evaluations", "elapsed_s", "val_accuracy")}
+            self.history.append(point)
+            self.keep_if_best_on_val(point)
         self.log(entry)
+
+    def keep_if_best_on_val(self, point: dict) -> None:
+        """Model selection on the held-out split: the solution with the highest held-out
+        accuracy so far is kept as best_val.ir (the search itself never sees that split)."""
+        if self.best_val is not None and point["val_accuracy"] <= self.best_val["val_accuracy"]:
+            return
+        save_program(self.trained_program(), self.dir / "best_val.ir")
+        self.best_val = point
 
     def last_val(self) -> str:
         return f"{100 * self.history[-1]['val_accuracy']:.2f}%" if self.history else "-"
 
-    def finish(self) -> dict:
-        final = self.best_program()
-        final.meta["training"] = {
+    def trained_program(self) -> Program:
+        """The best solution so far, with where it came from in its metadata."""
+        training = {
             "method": "cc-eda",
             "target": self.cfg.target,
             "seed": self.cfg.seed,
             "generations": self.search.generation,
             "evaluations": self.evaluator.evaluations,
         }
+        program = self.best_program()
+        return dataclasses.replace(program, meta={**program.meta, "training": training})
+
+    def finish(self) -> dict:
+        final = self.trained_program()
         digest = save_program(final, self.dir / "final.ir")
         changed = int((self.search.best_values() != self.space.base).sum())
         summary = {
@@ -361,6 +377,7 @@ class _Run:
             "weights_searched": self.space.size,
             "final_ir": str(self.dir / "final.ir"),
             "final_ir_sha256": digest,
+            "best_val": {**self.best_val, "ir": str(self.dir / "best_val.ir")},
             "complete": self.budget_left() is False,
         }
         write_json(self.dir / "summary.json", summary)

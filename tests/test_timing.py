@@ -35,8 +35,13 @@ BIG = 1 << 30
 
 def array(rows: int, cols: int, dataflow: str, **kw) -> Accelerator:
     """An accelerator whose buffers and bandwidth never limit, unless `kw` says otherwise."""
-    fields = dict(weight_buffer_bytes=BIG, input_buffer_bytes=BIG, output_buffer_bytes=BIG,
-                  dram_bytes_per_cycle=1e9, clock_mhz=100.0)
+    fields = dict(
+        weight_buffer_bytes=BIG,
+        input_buffer_bytes=BIG,
+        output_buffer_bytes=BIG,
+        dram_bytes_per_cycle=1e9,
+        clock_mhz=100.0,
+    )
     acc = Accelerator(rows=rows, cols=cols, dataflow=dataflow, **(fields | kw))
     acc.validate()
     return acc
@@ -230,8 +235,10 @@ def test_shipped_examples_load(path):
 
 
 def test_accumulator_and_widths_for_the_trainer():
-    doc = minimal_doc() | {"accumulator": {"bits": 20, "overflow": "saturate"},
-                           "precision": {"weight_bits": 4, "act_bits": 8}}
+    doc = minimal_doc() | {
+        "accumulator": {"bits": 20, "overflow": "saturate"},
+        "precision": {"weight_bits": 4, "act_bits": 8},
+    }
     acc = accelerator_from_dict(doc)
     assert acc.accumulator() == Accumulator(20, "saturate")
     assert (acc.weight_bits, acc.act_bits) == (4, 8)
@@ -256,11 +263,19 @@ def test_accumulator_and_widths_for_the_trainer():
         (lambda d: d.update(energy={"sram_pj": 1.0}), "energy.sram_pj"),
         (lambda d: d.update(memory={}), "memory"),
         # 8 x 8-bit products need 16 bits: a 12-bit accumulator is inconsistent with them.
-        (lambda d: d.update(accumulator={"bits": 12}, precision={"weight_bits": 8, "act_bits": 8}),
-         "accumulator.bits"),
+        (
+            lambda d: d.update(accumulator={"bits": 12}, precision={"weight_bits": 8, "act_bits": 8}),
+            "accumulator.bits",
+        ),
         # ws holds an 8x8 tile of 8-bit weights (64 B) in the array: a 32 B buffer cannot load it.
-        (lambda d: d.update(precision={"weight_bits": 8}) or d["array"].update(dataflow="ws")
-         or d["buffers"].update(weight_bytes=32), "buffers.weight_bytes"),
+        (
+            lambda d: (
+                d.update(precision={"weight_bits": 8})
+                or d["array"].update(dataflow="ws")
+                or d["buffers"].update(weight_bytes=32)
+            ),
+            "buffers.weight_bytes",
+        ),
     ],
 )
 def test_config_errors_name_the_field(edit, field):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from accel_sim.functional import FunctionalSim
-from accel_sim.ir import load_program
+from accel_sim.ir import load_program, program_digest
 from hwq import HwqError
 from hwq.cceda import EDAConfig
 from hwq.cli import main
@@ -71,6 +71,8 @@ def assert_same_run(workspace, out: str, reference) -> None:
     for name in weights:
         np.testing.assert_array_equal(got[name], weights[name], err_msg=name)
     assert log_lines(workspace, out) == log
+    best_val = [program_digest(load_program(workspace[0] / d / "best_val.ir")) for d in (out, "full")]
+    assert best_val[0] == best_val[1]
 
 
 def test_run_searches_and_reports(uninterrupted, workspace):
@@ -127,6 +129,18 @@ def test_final_ir_replays_the_reported_accuracy(workspace, uninterrupted, capsys
         == 0
     )
     assert json.loads(out.read_text())["accel_sim"]["accuracy"] == summary["final_val_accuracy"]
+
+
+def test_best_held_out_solution_is_kept_and_replays(workspace, uninterrupted):
+    summary, _, log = uninterrupted
+    measured = [d["val_accuracy"] for d in log if "val_accuracy" in d]
+    best = summary["best_val"]
+    assert best["val_accuracy"] == max(measured)
+    assert best["generation"] == next(d["generation"] for d in log if d.get("val_accuracy") == max(measured))
+    program = load_program(best["ir"])
+    assert program.meta["training"]["generations"] == best["generation"]
+    val = load_split(workspace[1], "val")
+    assert evaluate_program(program, val).accuracy == best["val_accuracy"]
 
 
 def test_run_directory_is_protected(workspace, uninterrupted):

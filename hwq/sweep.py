@@ -1,0 +1,691 @@
+"""`hwq sweep`: accuracy, overflow, cycles, energy and area over a grid of bit widths.
+
+A point of the grid is (weight bits, activation bits, per-channel, accumulator bits,
+overflow mode); each point is measured on every array size asked for, one result row per
+(point, array). Its accuracy is that of the round-to-nearest integer program on accel_sim
+(and, with a training budget, of the CC-EDA-trained program), so every number is what the
+accelerator computes; its cycles, latency and energy come from accel_sim's timing model
+of the same program, and its area from Yosys results of the MAC array when given.
+
+The results file (`results.jsonl`, one JSON object per row) is the sweep's only state:
+rows are appended and fsynced as each point finishes, so a killed sweep loses at most the
+points in flight, and a rerun skips every point whose rows are present. Points that share
+(weight bits, activation bits, per-channel) share one lowered program: the accumulator
+only changes `Program.with_accumulator`, which needs no re-lowering.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import fcntl
+import json
+import os
+import platform
+import time
+from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from importlib import metadata
+from multiprocessing import get_context
+from pathlib import Path
+
+import torch
+
+from accel_sim.hardware import Accelerator, load_accelerator
+from accel_sim.ir import (
+    MAX_ACC_BITS,
+    MIN_ACC_BITS,
+    OVERFLOW_MODES,
+    Accumulator,
+    IRError,
+    Program,
+    atomic_write_bytes,
+    load_program,
+    program_digest,
+    save_program,
+)
+from accel_sim.timing import program_timing
+
+from . import HwqError, __version__
+from .data import DEFAULT_SPLIT_SEED, DEFAULT_VAL_FRACTION, Dataset, load_split
+from .evaluate import DEFAULT_BATCH, DEFAULT_CALIBRATION_IMAGES, ModeResult, evaluate_program, prepare
+from .model import QuantConfig, resolve_checkpoint
+from .results import percent, write_json
+
+RESULTS_FILE = "results.jsonl"
+SETTINGS_FILE = "sweep.json"
+DEFAULT_HW = Path(__file__).resolve().parents[1] / "examples" / "rtl_8x8.toml"
+
+# Small: minutes on 2 cores (accuracy on the first 500 val images: a saturating accumulator
+# that overflows is replayed product by product, the slowest thing accel_sim does).
+# Full: every width a low-bit accelerator would consider, on the whole val split.
+SMALL_GRID = {
+    "wbits": (2, 4, 8),
+    "abits": (4, 8),
+    "acc_bits": (12, 14, 16, 18, 20, 24, 32),
+    "overflow": ("wrap", "saturate"),
+    "arrays": None,  # the --hw file's own array
+    "limit": 500,
+}
+FULL_GRID = {
+    "wbits": (2, 3, 4, 5, 6, 8),
+    "abits": (2, 3, 4, 6, 8),
+    "acc_bits": (*range(10, 25), 28, 32),
+    "overflow": ("wrap", "saturate"),
+    "arrays": ((8, 8), (16, 16), (32, 32)),
+    "limit": None,
+}
+
+
+# ----- parsing ---------------------------------------------------------------------------
+
+
+def parse_int_list(text: str, flag: str) -> tuple[int, ...]:
+    """'2,4,8' or '12-16' or a mix -> sorted distinct ints; anything else is a user error."""
+    values: set[int] = set()
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            values.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise HwqError(f"{flag} {text!r} is not a list of integers like 2,4,8 or 12-16") from None
+    if not values:
+        raise HwqError(f"{flag} {text!r} names no values")
+    return tuple(sorted(values))
+
+
+def parse_arrays(text: str) -> tuple[tuple[int, int], ...]:
+    """'8x8,16x16' -> ((8, 8), (16, 16))."""
+    arrays = []
+    for part in text.split(","):
+        rows, sep, cols = part.strip().lower().partition("x")
+        if not (sep and rows.isdigit() and cols.isdigit() and int(rows) > 0 and int(cols) > 0):
+            raise HwqError(f"--arrays {text!r} is not a list of array sizes like 8x8,16x16")
+        arrays.append((int(rows), int(cols)))
+    return tuple(dict.fromkeys(arrays))
+
+
+def parse_overflow(text: str) -> tuple[str, ...]:
+    modes = tuple(dict.fromkeys(m.strip() for m in text.split(",")))
+    bad = [m for m in modes if m not in OVERFLOW_MODES]
+    if bad or not modes:
+        raise HwqError(f"--overflow {text!r}: modes are {', '.join(OVERFLOW_MODES)} (comma-separated)")
+    return modes
+
+
+# ----- configuration ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Point:
+    """One quantization of the network: what its accuracy depends on."""
+
+    wbits: int
+    abits: int
+    per_channel: bool
+    acc_bits: int
+    overflow: str
+
+    @property
+    def group(self) -> tuple[int, int, bool]:
+        """Points of one group share one lowered program."""
+        return (self.wbits, self.abits, self.per_channel)
+
+    @property
+    def name(self) -> str:
+        scales = "pc" if self.per_channel else "pt"
+        return f"w{self.wbits}a{self.abits}-{scales}-acc{self.acc_bits}-{self.overflow}"
+
+    def key(self, rows: int, cols: int) -> str:
+        return f"{self.name}-{rows}x{cols}"
+
+
+@dataclass
+class SweepConfig:
+    """A sweep: the grid, and the settings every row of its results file shares."""
+
+    checkpoint: str
+    out: str
+    data: str | None = None
+    wbits: tuple[int, ...] = SMALL_GRID["wbits"]
+    abits: tuple[int, ...] = SMALL_GRID["abits"]
+    acc_bits: tuple[int, ...] = SMALL_GRID["acc_bits"]
+    overflow: tuple[str, ...] = SMALL_GRID["overflow"]
+    per_channel: bool = False
+    hw: str = str(DEFAULT_HW)
+    arrays: tuple[tuple[int, int], ...] | None = None
+    area: tuple[str, ...] = ()
+    train_budget: int | None = None
+    seed: int = 0
+    jobs: int = 1
+    limit: int | None = SMALL_GRID["limit"]
+    val_fraction: float = DEFAULT_VAL_FRACTION
+    split_seed: int = DEFAULT_SPLIT_SEED
+    calibration_images: int = DEFAULT_CALIBRATION_IMAGES
+    mult_bits: int = 16
+    batch: int = 1
+    batch_size: int = DEFAULT_BATCH
+    device: str = "cpu"
+    progress: bool = True
+    train_overrides: dict = field(default_factory=dict)  # more TrainConfig fields (tests, tuning)
+
+    @property
+    def results_path(self) -> Path:
+        return Path(self.out) / RESULTS_FILE
+
+    def validate(self) -> None:
+        for wb in self.wbits:
+            for ab in self.abits:
+                QuantConfig(wb, ab, self.per_channel).validate()
+        for bits in self.acc_bits:
+            if not MIN_ACC_BITS <= bits <= MAX_ACC_BITS:
+                raise HwqError(f"--acc-bits {bits} is out of range [{MIN_ACC_BITS}, {MAX_ACC_BITS}]")
+        if self.train_budget is not None and self.train_budget < 1:
+            raise HwqError("--train-budget must be a positive number of evaluations")
+        if self.jobs < 1:
+            raise HwqError("--jobs must be at least 1")
+        if self.limit is not None and self.limit < 1:
+            raise HwqError("--limit must be at least 1")
+
+    def fixed(self, hw: Accelerator) -> dict:
+        """What every row of one results file must share; a rerun that differs here would
+        mix incomparable numbers, so it is refused."""
+        base = dataclasses.asdict(dataclasses.replace(hw, rows=0, cols=0))
+        return {
+            "checkpoint": self.checkpoint,
+            "data": self.data,
+            "split": "val",
+            "limit": self.limit,
+            "val_fraction": self.val_fraction,
+            "split_seed": self.split_seed,
+            "calibration_images": self.calibration_images,
+            "mult_bits": self.mult_bits,
+            "batch": self.batch,
+            "accelerator": base,
+        }
+
+
+def grid(cfg: SweepConfig) -> tuple[list[Point], list[Point]]:
+    """The points to measure, and those skipped because their accumulator cannot hold one
+    weight x activation product (the rule accel_sim.hardware applies to an accelerator)."""
+    points, skipped = [], []
+    for wb in cfg.wbits:
+        for ab in cfg.abits:
+            for acc in cfg.acc_bits:
+                for mode in cfg.overflow:
+                    point = Point(wb, ab, cfg.per_channel, acc, mode)
+                    (points if acc >= wb + ab else skipped).append(point)
+    return points, skipped
+
+
+def accelerator_for(base: Accelerator, point: Point, rows: int, cols: int) -> Accelerator:
+    """The base accelerator resized and given the point's accumulator. Operand widths are
+    left to the program (no [precision]), so energy follows each layer's own widths, and
+    the 8-bit image input of an A4 network does not exceed a 4-bit array."""
+    hw = dataclasses.replace(
+        base,
+        rows=rows,
+        cols=cols,
+        acc_bits=point.acc_bits,
+        overflow=point.overflow,
+        weight_bits=None,
+        act_bits=None,
+    )
+    hw.validate()
+    return hw
+
+
+def array_sizes(cfg: SweepConfig, base: Accelerator) -> tuple[tuple[int, int], ...]:
+    arrays = cfg.arrays or ((base.rows, base.cols),)
+    for rows, cols in arrays:
+        accelerator_for(base, Point(8, 8, False, 32, "wrap"), rows, cols)  # refuse bad sizes now
+    return arrays
+
+
+def versions() -> dict[str, str]:
+    """Package versions a row was measured with, so a point can be rerun exactly."""
+    found = {"hwq": __version__, "python": platform.python_version()}
+    for package in ("torch", "brevitas", "numpy"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = "not installed"
+    return found
+
+
+# ----- the results file ------------------------------------------------------------------
+
+
+def read_results(path: str | os.PathLike) -> list[dict]:
+    """Every complete row; a truncated last line (a write cut short by a kill) is ignored,
+    and a later row with the same key replaces an earlier one."""
+    path = Path(path)
+    if not path.is_file():
+        raise HwqError(f"no results file {path}")
+    lines = path.read_bytes().split(b"\n")
+    rows: dict[str, dict] = {}
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):  # the last line, without its newline: cut short
+                break
+            raise HwqError(f"{path} line {number} is not a JSON object") from None
+        if not isinstance(row, dict) or "key" not in row:
+            raise HwqError(f"{path} line {number} is not a result row")
+        rows[row["key"]] = row
+    return list(rows.values())
+
+
+def drop_truncated_tail(path: Path) -> None:
+    """Cut a partial last line, so that the next append starts on a line of its own."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        atomic_write_bytes(path, data[: data.rfind(b"\n") + 1])
+
+
+def append_rows(path: Path, rows: list[dict]) -> None:
+    """One write of whole lines, under a lock (workers append concurrently), then fsync:
+    once this returns, the rows survive a kill or a power cut."""
+    data = "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows).encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def check_settings(out: Path, fixed: dict) -> None:
+    """The first run that leaves rows records the directory's fixed settings; later runs
+    must match them (a run that failed before its first row binds nothing)."""
+    path = out / SETTINGS_FILE
+    results = out / RESULTS_FILE
+    if path.exists() and results.exists() and results.stat().st_size > 0:
+        saved = json.loads(path.read_text())
+        differ = [k for k in fixed if saved.get(k) != json.loads(json.dumps(fixed[k]))]
+        if differ:
+            raise HwqError(f"{out} holds a sweep with different {', '.join(differ)}; choose another --out")
+    else:
+        write_json(path, fixed)
+
+
+def is_done(row: dict | None, cfg: SweepConfig) -> bool:
+    """A row is finished unless this run asks for training the row does not have."""
+    if row is None:
+        return False
+    if cfg.train_budget is None:
+        return True
+    trained = row.get("trained") or {}
+    return trained.get("budget_evals") == cfg.train_budget and trained.get("seed") == cfg.seed
+
+
+# ----- area ------------------------------------------------------------------------------
+
+
+def load_area(paths: Iterable[str]) -> list[dict]:
+    """Rows of `python -m rtl_models.area` CSV files (several may be given, e.g. one per
+    overflow mode)."""
+    rows: list[dict] = []
+    for p in paths:
+        try:
+            with open(p, newline="") as f:
+                rows.extend(csv.DictReader(f))
+        except OSError as exc:
+            raise HwqError(f"cannot read area file {p} ({exc.strerror})") from None
+    need = {"flavour", "rows", "cols", "weight_bits", "act_bits", "acc_bits", "cells"}
+    if rows and not need <= set(rows[0]):
+        raise HwqError(f"area files must have the columns of rtl_models.area: {sorted(need)}")
+    return rows
+
+
+def _int(value: str | None) -> int | None:
+    return int(value) if value not in (None, "") else None
+
+
+def area_for(area: list[dict], point: Point, rows: int, cols: int) -> dict:
+    """Area of the point's MAC array: Yosys generic cells (ASIC proxy) and iCE40 LUTs.
+
+    Matched on (weight, act, acc bits); the overflow mode and array size are matched when
+    the files have them. An array synthesized at another size is scaled by the PE count
+    (the array is PEs plus O(R + C) skew registers), and `area_source` says so."""
+    widths = [
+        r
+        for r in area
+        if (int(r["weight_bits"]), int(r["act_bits"]), int(r["acc_bits"]))
+        == (point.wbits, point.abits, point.acc_bits)
+    ]
+    same_mode = [r for r in widths if r.get("overflow", point.overflow) == point.overflow]
+    candidates = same_mode or widths
+    if not candidates:
+        return {"area_cells": None, "area_luts": None, "area_flip_flops": None, "area_source": None}
+    sizes = {(int(r["rows"]), int(r["cols"])) for r in candidates}
+    size = (rows, cols) if (rows, cols) in sizes else max(sizes, key=lambda s: s[0] * s[1])
+    chosen = [r for r in candidates if (int(r["rows"]), int(r["cols"])) == size]
+    scale = rows * cols / (size[0] * size[1])
+    by_flavour = {r["flavour"]: r for r in chosen}
+    generic, ice40 = by_flavour.get("generic"), by_flavour.get("ice40")
+    source = f"yosys {size[0]}x{size[1]} mac_array"
+    if scale != 1:
+        source += f", scaled x{scale:g} by PE count"
+    if not same_mode:
+        source += f", {candidates[0].get('overflow')} accumulator"
+
+    def scaled(row: dict | None, column: str) -> int | None:
+        value = _int(row.get(column)) if row else None
+        return round(value * scale) if value is not None else None
+
+    return {
+        "area_cells": scaled(generic, "cells"),
+        "area_luts": scaled(ice40, "luts"),
+        "area_flip_flops": scaled(generic or ice40, "flip_flops"),
+        "area_source": source,
+    }
+
+
+# ----- one group of points ---------------------------------------------------------------
+
+
+@dataclass
+class Context:
+    """What a worker needs to measure the points of one group."""
+
+    cfg: SweepConfig
+    base: Accelerator
+    arrays: tuple[tuple[int, int], ...]
+    area: list[dict]
+    fixed: dict
+    versions: dict = field(default_factory=versions)
+
+
+def ir_path(cfg: SweepConfig, group: tuple[int, int, bool]) -> Path:
+    wb, ab, per_channel = group
+    return Path(cfg.out) / "ir" / f"w{wb}a{ab}-{'pc' if per_channel else 'pt'}.ir"
+
+
+def rerun_command(cfg: SweepConfig, ir: Path, point: Point) -> str:
+    """The `hwq eval` that reproduces a row's accuracy and overflow counts exactly."""
+    parts = ["hwq eval --ir", str(ir)]
+    if cfg.data:
+        parts += ["--data", cfg.data]
+    parts += ["--split val", f"--acc-bits {point.acc_bits}", f"--overflow {point.overflow}"]
+    if cfg.val_fraction != DEFAULT_VAL_FRACTION:
+        parts.append(f"--val-fraction {cfg.val_fraction}")
+    if cfg.split_seed != DEFAULT_SPLIT_SEED:
+        parts.append(f"--split-seed {cfg.split_seed}")
+    if cfg.limit:
+        parts.append(f"--limit {cfg.limit}")
+    return " ".join(parts)
+
+
+def accuracy_fields(result: ModeResult) -> dict:
+    layers = list(result.layers.values())
+    return {
+        "accuracy": result.accuracy,
+        "correct": result.correct,
+        "n": result.n,
+        "overflows": sum(s.overflows for s in layers),
+        "overflowed_layers": sum(1 for s in layers if s.overflows),
+        "accumulator_outputs": sum(s.outputs for s in layers),
+        "worst_case_acc_bits": max((s.worst_case_bits for s in layers), default=None),
+    }
+
+
+def timing_fields(program: Program, hw: Accelerator, batch: int, result: ModeResult) -> dict:
+    """Totals and per-layer numbers of the timing model, with each layer's overflow count."""
+    timing = program_timing(program, hw, batch)
+    total = timing.total_json()
+    layers = []
+    for layer in timing.layers:
+        t = layer.to_json()
+        stats = result.layers.get(layer.name)
+        layers.append(
+            {
+                "name": layer.name,
+                "kind": layer.kind,
+                "macs": t["macs"],
+                "cycles": t["cycles"],
+                "stall_cycles": t["stall_cycles"],
+                "utilization": t["utilization"],
+                "dram_bytes": t["dram_bytes"],
+                "energy_pj": t["energy_pj"] / batch,
+                "overflows": stats.overflows if stats else 0,
+                "worst_case_acc_bits": stats.worst_case_bits if stats else None,
+            }
+        )
+    return {
+        "cycles": total["cycles"],
+        "latency_s": total["latency_s"],
+        "fps": total["fps"],
+        "utilization": total["utilization"],
+        "macs": total["macs"],
+        "dram_bytes": total["dram_bytes"],
+        "energy_per_inference_pj": total["energy_per_inference_pj"],
+        "clock_mhz": hw.clock_mhz,
+        "dataflow": hw.dataflow,
+        "layers": layers,
+    }
+
+
+def training_curve(run_dir: Path, summary: dict, max_points: int = 400) -> list[dict]:
+    """Fitness and held-out accuracy against evaluations, from the run's log.jsonl; every
+    held-out measurement is kept, fitness lines are thinned to about `max_points`, and the
+    final network's held-out accuracy (summary.json) ends the curve."""
+    path = run_dir / "log.jsonl"
+    if not path.exists():
+        return []
+    entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    step = max(1, len(entries) // max_points)
+    curve = []
+    for i, e in enumerate(entries):
+        if "val_accuracy" in e or i % step == 0 or i == len(entries) - 1:
+            point = {"evaluations": e.get("evaluations"), "best_fitness": e.get("best_fitness")}
+            if "val_accuracy" in e:
+                point["val_accuracy"] = e["val_accuracy"]
+            curve.append(point)
+    if curve and "val_accuracy" not in curve[-1] and summary.get("final_val_accuracy") is not None:
+        curve[-1]["val_accuracy"] = summary["final_val_accuracy"]
+    return curve
+
+
+def train_point(ctx: Context, point: Point, ds: Dataset) -> dict:
+    """CC-EDA on the point's arithmetic; resumes the run directory an earlier, interrupted
+    sweep left, and re-measures the final program on the sweep's own images."""
+    from .train import TrainConfig, train  # the trainer is needed only with --train-budget
+
+    cfg = ctx.cfg
+    run_dir = Path(cfg.out) / "train" / f"{point.name}-e{cfg.train_budget}-s{cfg.seed}"
+    summary_file = run_dir / "summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.exists() else {"complete": False}
+    if not summary.get("complete", True):
+        tcfg = TrainConfig(
+            checkpoint=cfg.checkpoint,
+            out=str(run_dir),
+            wbits=point.wbits,
+            abits=point.abits,
+            data=cfg.data,
+            per_channel=point.per_channel,
+            accumulator_bits=point.acc_bits,
+            overflow=point.overflow,
+            mult_bits=cfg.mult_bits,
+            seed=cfg.seed,
+            budget_evals=cfg.train_budget,
+            val_fraction=cfg.val_fraction,
+            split_seed=cfg.split_seed,
+            calibration_images=cfg.calibration_images,
+            progress=False,
+            **cfg.train_overrides,
+        )
+        summary = train(tcfg, resume=(run_dir / "state.pkl").exists())
+        if not summary.get("complete", True):  # Ctrl-C stopped it; the next sweep resumes it
+            raise KeyboardInterrupt
+    final = load_program(summary["final_ir"])
+    result = evaluate_program(final, ds, cfg.batch_size, cfg.device)
+    return {
+        "budget_evals": cfg.train_budget,
+        "seed": cfg.seed,
+        **accuracy_fields(result),
+        "initial_val_accuracy": summary.get("initial_val_accuracy"),
+        "final_val_accuracy": summary.get("final_val_accuracy"),
+        "evaluations": summary.get("evaluations"),
+        "ir_sha256": program_digest(final),
+        "run_dir": str(run_dir),
+        "curve": training_curve(run_dir, summary),
+    }
+
+
+def point_rows(ctx: Context, program: Program, ir: Path, ds: Dataset, point: Point) -> list[dict]:
+    """Every array's row for one point: accuracy once, timing and area per array."""
+    start = time.perf_counter()
+    cfg = ctx.cfg
+    program = program.with_accumulator(Accumulator(point.acc_bits, point.overflow))
+    result = evaluate_program(program, ds, cfg.batch_size, cfg.device)
+    trained = train_point(ctx, point, ds) if cfg.train_budget else None
+    common = {
+        **dataclasses.asdict(point),
+        "model": program.meta.get("model"),
+        **accuracy_fields(result),
+        "trained": trained,
+        "ir_sha256": program_digest(program),
+        "ir_file": str(ir),
+        "rerun": rerun_command(cfg, ir, point),
+        "seed": cfg.seed,
+        "config": {**ctx.fixed, "checkpoint_sha256": program.meta.get("checkpoint_sha256")},
+        "versions": ctx.versions,
+    }
+    rows = []
+    for r, c in ctx.arrays:
+        hw = accelerator_for(ctx.base, point, r, c)
+        rows.append(
+            {
+                "key": point.key(r, c),
+                **common,
+                "rows": r,
+                "cols": c,
+                "array": f"{r}x{c}",
+                **timing_fields(program, hw, cfg.batch, result),
+                **area_for(ctx.area, point, r, c),
+                "seconds": round(time.perf_counter() - start, 2),
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            }
+        )
+    return rows
+
+
+def describe(row: dict) -> str:
+    trained = f" -> {percent(row['trained']['accuracy']).strip()} CC-EDA" if row["trained"] else ""
+    return (
+        f"W{row['wbits']}A{row['abits']} acc {row['acc_bits']:>2} {row['overflow']:<8} "
+        f"{percent(row['accuracy'])}{trained}  overflows {row['overflows']:>9,}  "
+        f"{row['array']} {row['cycles']:>10,} cycles {row['energy_per_inference_pj'] / 1e6:8.3f} uJ"
+    )
+
+
+def run_group(ctx: Context, group: tuple[int, int, bool], points: list[Point]) -> int:
+    """Lower the group's program once, then measure and append each point as it finishes."""
+    cfg = ctx.cfg
+    wb, ab, per_channel = group
+    prepared = prepare(
+        cfg.checkpoint,
+        QuantConfig(wb, ab, per_channel),
+        cfg.data,
+        cfg.calibration_images,
+        cfg.val_fraction,
+        cfg.split_seed,
+        mult_bits=cfg.mult_bits,
+    )
+    ir = ir_path(cfg, group)
+    save_program(prepared.program, ir)
+    ds = load_split(cfg.data, "val", cfg.val_fraction, cfg.split_seed).head(cfg.limit)
+    if len(ds) == 0:
+        raise HwqError("the val split is empty")
+    for point in points:
+        rows = point_rows(ctx, prepared.program, ir, ds, point)
+        append_rows(cfg.results_path, rows)
+        if cfg.progress:
+            for row in rows:
+                print(f"  {describe(row)}", flush=True)
+    return len(points)
+
+
+def _init_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _run_group_in_worker(ctx: Context, group: tuple[int, int, bool], points: list[Point]) -> int:
+    """Worker entry point: errors cross the process boundary as HwqError with their text."""
+    try:
+        return run_group(ctx, group, points)
+    except (HwqError, IRError) as exc:
+        raise HwqError(str(exc)) from None
+
+
+# ----- the sweep -------------------------------------------------------------------------
+
+
+@dataclass
+class SweepSummary:
+    points: int
+    skipped: list[Point]
+    already_done: int
+    measured: int
+    results: Path
+
+
+def pending_groups(
+    points: list[Point], arrays: tuple[tuple[int, int], ...], done: dict[str, dict], cfg: SweepConfig
+) -> dict[tuple[int, int, bool], list[Point]]:
+    """Points with any array's row missing (or lacking the training asked for), by group."""
+    groups: dict[tuple[int, int, bool], list[Point]] = {}
+    for point in points:
+        if not all(is_done(done.get(point.key(r, c)), cfg) for r, c in arrays):
+            groups.setdefault(point.group, []).append(point)
+    return groups
+
+
+def sweep(cfg: SweepConfig) -> SweepSummary:
+    """Measure every pending point of the grid; returns what was done and skipped."""
+    cfg.validate()
+    base = load_accelerator(cfg.hw)
+    arrays = array_sizes(cfg, base)
+    fixed = cfg.fixed(base)
+    area = load_area(cfg.area)
+    points, skipped = grid(cfg)
+    resolve_checkpoint(cfg.checkpoint)  # fail now on a mistyped path, not in a worker
+    if len(load_split(cfg.data, "val", cfg.val_fraction, cfg.split_seed)) == 0:
+        raise HwqError("the val split is empty")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    check_settings(out, fixed)
+    drop_truncated_tail(cfg.results_path)
+    done = {row["key"]: row for row in read_results(cfg.results_path)} if cfg.results_path.exists() else {}
+    groups = pending_groups(points, arrays, done, cfg)
+    todo = sum(len(p) for p in groups.values())
+    if cfg.progress:
+        print(
+            f"sweep: {len(points)} points x {len(arrays)} array(s); {len(points) - todo} already done, "
+            f"{todo} to measure in {len(groups)} lowered program(s); results in {cfg.results_path}",
+            flush=True,
+        )
+    ctx = Context(cfg, base, arrays, area, fixed)
+    if cfg.jobs == 1 or len(groups) <= 1:
+        measured = sum(run_group(ctx, g, p) for g, p in groups.items())
+    else:
+        measured = run_parallel(ctx, groups)
+    return SweepSummary(len(points), skipped, len(points) - todo, measured, cfg.results_path)
+
+
+def run_parallel(ctx: Context, groups: dict[tuple[int, int, bool], list[Point]]) -> int:
+    """One group per task in fresh (spawned) processes, each with its share of the cores,
+    so that torch's thread pools do not oversubscribe them."""
+    jobs = min(ctx.cfg.jobs, len(groups))
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    with ProcessPoolExecutor(jobs, get_context("spawn"), _init_worker, (threads,)) as pool:
+        futures = [pool.submit(_run_group_in_worker, ctx, g, p) for g, p in groups.items()]
+        return sum(f.result() for f in futures)

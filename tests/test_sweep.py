@@ -1,0 +1,197 @@
+"""`hwq sweep` on a random network and random images: rows carry what reruns them, a sweep
+killed midway resumes without redoing finished points, and training points work."""
+
+from __future__ import annotations
+
+import json
+import shlex
+
+import pytest
+
+import hwq.sweep as sweep_module
+from accel_sim.ir import Accumulator, load_program, program_digest
+from hwq import HwqError
+from hwq.cceda import EDAConfig
+from hwq.cli import main
+from hwq.report import build_report
+from hwq.sweep import SweepConfig, parse_arrays, parse_int_list, read_results, sweep
+
+from .helpers import write_checkpoint, write_cifar_batches
+
+ARRAYS = ((8, 8), (16, 16))
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    data = write_cifar_batches(root / "data", images_per_batch=40)
+    return root, str(data), str(write_checkpoint(root / "model.th"))
+
+
+def config(workspace, out: str, **kw) -> SweepConfig:
+    root, data, checkpoint = workspace
+    values = {
+        "checkpoint": checkpoint,
+        "data": data,
+        "out": str(root / out),
+        "wbits": (4,),
+        "abits": (8,),
+        "acc_bits": (12, 16, 32),
+        "overflow": ("wrap",),
+        "arrays": ARRAYS,
+        "calibration_images": 16,
+        "limit": 4,  # a narrow saturating accumulator is replayed product by product: slow
+        "progress": False,
+    }
+    values.update(kw)
+    return SweepConfig(**values)
+
+
+class Counting:
+    """evaluate_program, counted, optionally interrupted (like Ctrl-C or a kill) at call k."""
+
+    def __init__(self, monkeypatch, fail_at: int | None = None):
+        self.calls = 0
+        self.fail_at = fail_at
+        self.real = sweep_module.evaluate_program
+        monkeypatch.setattr(sweep_module, "evaluate_program", self)
+
+    def __call__(self, *args, **kw):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise KeyboardInterrupt
+        return self.real(*args, **kw)
+
+
+def test_interrupted_sweep_resumes_without_redoing_finished_points(workspace, monkeypatch):
+    cfg = config(workspace, "interrupted")
+    Counting(monkeypatch, fail_at=3)
+    with pytest.raises(KeyboardInterrupt):
+        sweep(cfg)
+    first = read_results(cfg.results_path)
+    assert len(first) == 2 * len(ARRAYS)  # two points finished, the third was in flight
+    with open(cfg.results_path, "a") as f:
+        f.write('{"key": "w4a8-pt-acc32-wr')  # and a kill in the middle of a write
+    again = Counting(monkeypatch)
+    summary = sweep(cfg)
+    assert again.calls == 1 and summary.measured == 1 and summary.already_done == 2
+    rows = read_results(cfg.results_path)
+    assert len(rows) == 3 * len(ARRAYS) and len({r["key"] for r in rows}) == len(rows)
+    assert all(line.strip() for line in cfg.results_path.read_text().splitlines())
+    kept = {r["key"]: r for r in rows}
+    assert all(kept[r["key"]] == r for r in first)  # finished rows are untouched
+    third = Counting(monkeypatch)
+    assert sweep(cfg).measured == 0 and third.calls == 0
+
+
+@pytest.fixture(scope="module")
+def finished(workspace):
+    cfg = config(workspace, "finished", acc_bits=(12, 32), overflow=("wrap", "saturate"))
+    sweep(cfg)
+    return cfg, read_results(cfg.results_path)
+
+
+def test_rows_record_what_reruns_them_exactly(finished, tmp_path):
+    cfg, rows = finished
+    assert {r["key"] for r in rows} == {
+        f"w4a8-pt-acc{b}-{m}-{r}x{c}" for b in (12, 32) for m in ("wrap", "saturate") for r, c in ARRAYS
+    }
+    for row in rows:
+        assert set(row["versions"]) == {"hwq", "torch", "brevitas", "numpy", "python"}
+        assert (
+            row["seed"] == 0
+            and row["config"]["checkpoint_sha256"]
+            and row["config"]["calibration_images"] == 16
+        )
+        program = load_program(row["ir_file"]).with_accumulator(Accumulator(row["acc_bits"], row["overflow"]))
+        assert program_digest(program) == row["ir_sha256"]
+        assert row["cycles"] == sum(layer["cycles"] for layer in row["layers"])
+        assert row["energy_per_inference_pj"] > 0 and row["area_cells"] is None
+    narrow = next(r for r in rows if r["acc_bits"] == 12 and r["overflow"] == "wrap")
+    assert narrow["overflows"] > 0 and narrow["worst_case_acc_bits"] > 12
+    assert narrow["overflows"] == sum(layer["overflows"] for layer in narrow["layers"])
+    out = tmp_path / "rerun.json"
+    argv = shlex.split(narrow["rerun"])
+    assert argv[:2] == ["hwq", "eval"] and main([*argv[1:], "--json", str(out)]) == 0
+    replay = json.loads(out.read_text())
+    assert replay["config"]["ir_sha256"] == narrow["ir_sha256"]
+    assert replay["accel_sim"]["correct"] == narrow["correct"]
+    assert sum(replay["accel_sim"]["overflows"].values()) == narrow["overflows"]
+    by_array = {r["array"]: r for r in rows if r["acc_bits"] == 32 and r["overflow"] == "wrap"}
+    assert by_array["8x8"]["accuracy"] == by_array["16x16"]["accuracy"]
+    assert by_array["8x8"]["cycles"] > by_array["16x16"]["cycles"]
+
+
+def test_area_is_joined_by_widths_and_scaled_to_the_array(workspace, tmp_path):
+    area = tmp_path / "area.csv"
+    area.write_text(
+        "flavour,top,rows,cols,weight_bits,act_bits,acc_bits,overflow,cells,flip_flops,luts,carries,seconds\n"
+        "generic,mac_array,4,4,4,8,32,wrap,1000,100,,,1\n"
+        "ice40,mac_array,4,4,4,8,32,wrap,500,100,400,10,1\n"
+        "generic,mac_array,8,8,4,8,32,wrap,3900,390,,,1\n"
+    )
+    cfg = config(workspace, "area", acc_bits=(12, 32), area=(str(area),))
+    sweep(cfg)
+    rows = {r["key"]: r for r in read_results(cfg.results_path)}
+    exact, scaled = rows["w4a8-pt-acc32-wrap-8x8"], rows["w4a8-pt-acc32-wrap-16x16"]
+    assert exact["area_cells"] == 3900 and exact["area_source"] == "yosys 8x8 mac_array"
+    assert scaled["area_cells"] == 4 * 3900 and "scaled x4" in scaled["area_source"]
+    assert rows["w4a8-pt-acc12-wrap-8x8"]["area_cells"] is None
+
+
+def test_a_directory_keeps_its_settings(finished, workspace):
+    cfg, _ = finished
+    with pytest.raises(HwqError, match="calibration_images"):
+        sweep(config(workspace, "finished", acc_bits=(12, 32), calibration_images=8))
+
+
+def test_grid_skips_accumulators_narrower_than_a_product_and_parses_lists():
+    assert parse_int_list("2,4-6, 8", "--wbits") == (2, 4, 5, 6, 8)
+    assert parse_arrays("8x8,16X16,8x8") == ((8, 8), (16, 16))
+    cfg = SweepConfig(checkpoint="x", out="y", wbits=(8,), abits=(8,), acc_bits=(12, 16), overflow=("wrap",))
+    points, skipped = sweep_module.grid(cfg)
+    assert [p.acc_bits for p in points] == [16] and [p.acc_bits for p in skipped] == [12]
+
+
+def test_training_points_record_their_curve_and_report_it(workspace, tmp_path):
+    cfg = config(
+        workspace,
+        "trained",
+        acc_bits=(32,),
+        arrays=((8, 8),),
+        train_budget=8,
+        train_overrides={
+            "layers": ("fc",),
+            "eda": EDAConfig(population=4, selected=2, group_size=64),
+            "fitness_images": 16,
+            "eval_every": 1,
+            "checkpoint_every": 1,
+        },
+    )
+    sweep(cfg)
+    (row,) = read_results(cfg.results_path)
+    trained = row["trained"]
+    assert trained["budget_evals"] == 8 and trained["evaluations"] >= 8 and trained["seed"] == 0
+    assert trained["curve"] and all("best_fitness" in p for p in trained["curve"])
+    assert any("val_accuracy" in p for p in trained["curve"])
+    assert 0 <= trained["accuracy"] <= 1 and trained["n"] == row["n"]
+    report = build_report(cfg.results_path, tmp_path / "report")
+    assert "training_curve" in report.figures and "training" in report.tables
+
+
+@pytest.mark.slow
+def test_parallel_sweep_equals_serial(workspace):
+    serial, parallel = (
+        config(workspace, "serial", wbits=(3, 4)),
+        config(workspace, "parallel", wbits=(3, 4), jobs=2),
+    )
+    sweep(serial)
+    sweep(parallel)
+    strip = ("seconds", "finished", "ir_file", "rerun")
+
+    def numbers(cfg):
+        return {
+            r["key"]: {k: v for k, v in r.items() if k not in strip} for r in read_results(cfg.results_path)
+        }
+
+    assert numbers(serial) == numbers(parallel)
