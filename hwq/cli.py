@@ -588,20 +588,25 @@ def add_sweep_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from .report import build_report
+    from .report import build_report, build_training_report
 
-    report = build_report(args.results, args.out)
-    print(
-        f"wrote {report.out / 'report.html'}, {report.out / 'summary.md'}, "
-        f"{len(report.figures)} figures and {len(report.tables)} tables"
-    )
+    if args.train_runs:
+        report = build_training_report(args.train_runs, args.out)
+    else:
+        report = build_report(args.results, args.out)
+    pages = "" if args.train_runs else "report.html, summary.md, "
+    print(f"wrote {pages}{len(report.figures)} figures and {len(report.tables)} tables under {report.out}")
     for name, why in report.missing.items():
         print(f"  {name}: {why}")
 
 
 def add_report_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="HTML report, Markdown summary, figures and CSV tables of a sweep")
-    p.add_argument("--results", required=True, help="a sweep directory or its results.jsonl")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--results", help="a sweep directory or its results.jsonl")
+    source.add_argument(
+        "--train-runs", nargs="+", help="hwq train run directories: their training curves only"
+    )
     p.add_argument("--out", required=True, help="directory for report.html, summary.md, figures/, tables/")
     p.set_defaults(func=cmd_report)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from . import HwqError  # noqa: E402
 from .results import write_csv  # noqa: E402
-from .sweep import RESULTS_FILE, read_results  # noqa: E402
+from .sweep import RESULTS_FILE, read_results, training_curve  # noqa: E402
 
 FIGURES = {
     "accuracy_vs_weight_bits": "Accuracy vs weight bits, one line per activation width",
@@ -250,25 +251,45 @@ def widest_for_each_array(rows: list[dict], config: tuple) -> list[dict]:
     return sorted(best.values(), key=lambda r: r["rows"] * r["cols"])
 
 
-def training_runs(rows: list[dict]) -> list[dict]:
-    """One entry per training run (rows of several arrays share one)."""
-    runs: dict[str, dict] = {}
+Curve = tuple[str, list[dict]]  # a training run's label and its points
+
+
+def training_runs(rows: list[dict]) -> list[Curve]:
+    """One curve per training run of a sweep (rows of several arrays share one)."""
+    runs: dict[str, Curve] = {}
     for row in rows:
         if row.get("trained") and row["trained"].get("curve"):
-            runs.setdefault(row["trained"]["run_dir"], row)
+            label = point_label(row).rsplit(" ", 1)[0]
+            runs.setdefault(row["trained"]["run_dir"], (label, row["trained"]["curve"]))
     return list(runs.values())
 
 
-def training_table(rows: list[dict]) -> list[dict]:
+def run_directory_curves(run_dirs: Iterable[str | os.PathLike]) -> list[Curve]:
+    """Curves of `hwq train` run directories, labelled by their bit widths and folder."""
+    curves = []
+    for run_dir in map(Path, run_dirs):
+        config, summary = run_dir / "config.json", run_dir / "summary.json"
+        if not config.exists():
+            raise HwqError(f"{run_dir} is not an hwq train run directory (no config.json)")
+        cfg = json.loads(config.read_text())
+        scales = "per-channel" if cfg.get("per_channel") else "per-tensor"
+        label = f"W{cfg['wbits']}A{cfg['abits']} {scales} ({run_dir.name})"
+        curves.append(
+            (label, training_curve(run_dir, json.loads(summary.read_text()) if summary.exists() else {}))
+        )
+    return curves
+
+
+def training_table(runs: list[Curve]) -> list[dict]:
     return [
         {
-            "run": point_label(row).rsplit(" ", 1)[0],
+            "run": label,
             "evaluations": p["evaluations"],
             "best_fitness": p["best_fitness"],
             "val_accuracy": p.get("val_accuracy"),
         }
-        for row in training_runs(rows)
-        for p in row["trained"]["curve"]
+        for label, curve in runs
+        for p in curve
     ]
 
 
@@ -403,11 +424,9 @@ def plot_layers(rows: list[dict]) -> plt.Figure:
     return fig
 
 
-def plot_training(rows: list[dict]) -> plt.Figure:
+def plot_training(runs: list[Curve]) -> plt.Figure:
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
-    for row in training_runs(rows):
-        curve = row["trained"]["curve"]
-        label = point_label(row).rsplit(" ", 1)[0]
+    for label, curve in runs:
         top.plot([p["evaluations"] for p in curve], [p["best_fitness"] for p in curve], label=label)
         held = [p for p in curve if p.get("val_accuracy") is not None]
         accuracy = [100 * p["val_accuracy"] for p in held]
@@ -446,7 +465,7 @@ def build_figures(rows: list[dict], figures: Path, report: Report) -> None:
         if has_area
         else NO_AREA,
         "layer_cycles": lambda: plot_layers(rows),
-        "training_curve": (lambda: plot_training(rows))
+        "training_curve": (lambda: plot_training(training_runs(rows)))
         if has_training
         else "no CC-EDA training in these results (hwq sweep --train-budget N)",
     }
@@ -468,7 +487,7 @@ def build_tables(rows: list[dict], tables: Path, report: Report) -> dict[str, li
         "pareto_energy": energy,
         "pareto_area": area,
         "layers": layers_table(rows),
-        "training": training_table(rows),
+        "training": training_table(training_runs(rows)),
     }
     for name, table in built.items():
         if table:
@@ -490,6 +509,19 @@ def build_report(results: str | os.PathLike, out: str | os.PathLike) -> Report:
     built = build_tables(rows, tables, report)
     (report.out / "report.html").write_text(html_page(rows, built, report))
     (report.out / "summary.md").write_text(markdown_page(rows, built, report))
+    return report
+
+
+def build_training_report(run_dirs: list[str], out: str | os.PathLike) -> Report:
+    """The training curve alone (figures/training_curve.*, tables/training.csv) of one or
+    more `hwq train` run directories, for runs made outside a sweep."""
+    curves = run_directory_curves(run_dirs)
+    report = Report(Path(out))
+    (report.out / "figures").mkdir(parents=True, exist_ok=True)
+    save_figure(plot_training(curves), report.out / "figures", "training_curve")
+    report.figures.append("training_curve")
+    write_csv(report.out / "tables" / "training.csv", training_table(curves))
+    report.tables.append("training")
     return report
 
 

@@ -285,3 +285,23 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     one_line_error(capsys, [*sweep, "--area", str(tmp_path / "none.csv")], "cannot read area file")
     one_line_error(capsys, sweep, "checkpoint x.th does not exist")
     assert not (tmp_path / "s" / "results.jsonl").exists()
+
+
+def test_training_curves_of_run_directories(tmp_path, capsys):
+    run = tmp_path / "w3"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"wbits": 3, "abits": 8, "per_channel": True}))
+    log = [{"generation": g, "evaluations": 16 * g, "best_fitness": 100 + g} for g in range(6)]
+    for g, accuracy in ((0, 0.75), (5, 0.8125)):
+        log[g]["val_accuracy"] = accuracy
+    (run / "log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in log))
+    out = tmp_path / "curves"
+    assert main(["report", "--train-runs", str(run), "--out", str(out)]) == 0
+    assert (out / "figures" / "training_curve.png").read_bytes().startswith(b"\x89PNG")
+    with open(out / "tables" / "training.csv") as f:
+        table = list(csv.DictReader(f))
+    assert {row["run"] for row in table} == {"W3A8 per-channel (w3)"}
+    assert [int(row["evaluations"]) for row in table] == [e["evaluations"] for e in log]
+    assert [row["val_accuracy"] for row in table if row["val_accuracy"]] == ["0.75", "0.8125"]
+    assert main(["report", "--train-runs", str(tmp_path), "--out", str(out)]) == 2
+    assert "not an hwq train run directory" in capsys.readouterr().err
