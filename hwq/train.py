@@ -377,7 +377,7 @@ class _Run:
             "weights_searched": self.space.size,
             "final_ir": str(self.dir / "final.ir"),
             "final_ir_sha256": digest,
-            "best_val": {**self.best_val, "ir": str(self.dir / "best_val.ir")},
+            "best_val": {**self.best_val, "ir": str(self.dir / "best_val.ir")} if self.best_val else None,
             "complete": self.budget_left() is False,
         }
         write_json(self.dir / "summary.json", summary)
