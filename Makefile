@@ -33,6 +33,7 @@ demo: install
 
 bench: install
 	$(BIN)/python bench/bench_functional.py $(DATA_FLAG) --checkpoint $(CHECKPOINT)
+	$(BIN)/python bench/bench_fitness.py $(DATA_FLAG) --checkpoint $(CHECKPOINT)
 
 lint: install
 	$(BIN)/ruff check .

@@ -1,8 +1,9 @@
 """Fitness evaluations/s of the CC-EDA trainer, with and without incremental evaluation.
 
 One run, one fitness batch, one population of candidates per layer: the naive evaluator
-runs every candidate's whole network from the image; the incremental one starts at the
-changed layer from cached activations and runs the population in one batched call. The
+runs every candidate's whole network from the image; the incremental ones start at the
+changed layer from cached activations, with the whole population in one batched call or
+in batches bounded by the activation size (SimEvaluator's default). The
 MACs column is what one evaluation actually computes.
 
     python bench/bench_fitness.py --data ../shared/data/cifar10-subset \
@@ -69,8 +70,9 @@ def main() -> None:
     fitness = IntegerFitness("accuracy", logit_lsbs(program, 4.0))
     evaluators = {
         "naive (whole network per candidate)": SimEvaluator(program, fitness, incremental=False),
-        "incremental + batched population": SimEvaluator(program, fitness),
-        "incremental + batched, compiled requant": SimEvaluator(program, fitness, compile=True),
+        "incremental, whole population per call": SimEvaluator(program, fitness, max_elements=1 << 40),
+        "incremental, cache-sized batches (default)": SimEvaluator(program, fitness),
+        "incremental, cache-sized, compiled requant": SimEvaluator(program, fitness, compile=True),
     }
     for e in evaluators.values():
         e.set_batch(images, labels)
