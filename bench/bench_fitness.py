@@ -23,7 +23,7 @@ warnings.filterwarnings("ignore")
 from hwq.cceda import EDAConfig, SearchSpace  # noqa: E402
 from hwq.data import load_split  # noqa: E402
 from hwq.evaluate import prepare  # noqa: E402
-from hwq.evaluator import IntegerFitness, SimEvaluator  # noqa: E402
+from hwq.evaluator import IntegerFitness, SimEvaluator, Targets  # noqa: E402
 from hwq.model import QuantConfig  # noqa: E402
 from hwq.train import logit_lsbs  # noqa: E402
 
@@ -75,7 +75,7 @@ def main() -> None:
         "incremental, cache-sized, compiled requant": SimEvaluator(program, fitness, compile=True),
     }
     for e in evaluators.values():
-        e.set_batch(images, labels)
+        e.set_batch(images, Targets(labels))
     print(f"fitness batch {args.fitness_images} images, population {args.population}")
     print(f"{'changed layer':<16} {'evaluator':<42} {'evals/s':>8} {'MMAC/eval':>10} {'speedup':>8}")
     for layer in LAYERS:

@@ -155,17 +155,35 @@ def updated_probabilities(
 ) -> np.ndarray:
     """Move each row toward the level frequencies among the selected samples (PBIL/UMDA).
 
-    Every valid level keeps at least `floor` before renormalizing (PBIL's probability
-    margins): without it, the distribution of a weight whose better value was never
-    sampled collapses onto the incumbent and the search stops exploring it.
+    Every valid level keeps at least `floor` (PBIL's probability margins): without it, the
+    distribution of a weight whose better value was never sampled collapses onto the
+    incumbent and the search stops exploring it.
     """
     levels = probs.shape[1]
     freq = np.stack([(chosen == level).mean(axis=0) for level in range(levels)], axis=1)
     moved = (1 - rate) * probs + rate * freq
-    if floor > 0:
-        moved = np.where(valid, np.maximum(moved, floor), 0.0)
-        moved /= moved.sum(axis=1, keepdims=True)
-    return moved
+    return with_floor(moved, valid, floor) if floor > 0 else moved
+
+
+def with_floor(probs: np.ndarray, valid: np.ndarray, floor: float) -> np.ndarray:
+    """Raise every valid level to `floor`, taking the mass from the levels above it in
+    proportion to their excess, so that a converged weight keeps exactly `floor` on each
+    alternative whatever its number of levels (renormalizing instead would leave a weight
+    at the edge of the range, with fewer levels, more confident than the rest at rest)."""
+    raised = np.where(valid, np.maximum(probs, floor), 0.0)
+    over = np.where(valid, np.maximum(probs - floor, 0.0), 0.0)
+    total = over.sum(axis=1, keepdims=True)
+    excess = raised.sum(axis=1, keepdims=True) - 1
+    return raised - np.divide(excess * over, total, out=np.zeros_like(over), where=total > 0)
+
+
+def confidence(probs: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """How sure each weight is of its value: 1 minus the mean probability of its other valid
+    levels (the largest probability, for two levels). Every converged weight has exactly
+    1 - min_prob, whether it has two levels or five, so none is starved; rounded, so that
+    float noise does not order weights that are equally confident."""
+    others = np.maximum(valid.sum(axis=1) - 1, 1)
+    return np.round(1 - (1 - probs.max(axis=1)) / others, 12)
 
 
 def least_confident_group(
@@ -193,6 +211,8 @@ class CCEDA:
 
     def __init__(self, space: SearchSpace, config: EDAConfig, seed: int):
         config.validate()
+        if space.levels * config.min_prob > 1:
+            raise HwqError(f"--min-prob {config.min_prob} on each of {space.levels} levels exceeds 1")
         self.space = space
         self.config = config
         self.rng = np.random.default_rng(seed)
@@ -206,7 +226,7 @@ class CCEDA:
         self.pending: np.ndarray | None = None
 
     def confidence(self) -> np.ndarray:
-        return self.probs.max(axis=1)
+        return confidence(self.probs, self.valid)
 
     def regroup(self) -> None:
         self.group = least_confident_group(

@@ -326,7 +326,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--generations-per-group", type=int, help="generations before regrouping (default 4)")
     s.add_argument("--group-scope", choices=("layer", "global"), help="group within one layer (default)")
     f = p.add_argument_group("fitness")
-    f.add_argument("--fitness", choices=FITNESS_MODES, help="integer score of the logits (default accuracy)")
+    f.add_argument("--fitness", choices=FITNESS_MODES, help="integer score of the logits (default distill)")
     f.add_argument("--margin-clip", type=float, help="margin clip in logit units (default 4.0)")
     f.add_argument("--fitness-images", type=int, help="training images per fitness batch (default 256)")
     f.add_argument("--new-batch-every", type=int, help="generations between fitness batches (default 16)")

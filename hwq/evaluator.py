@@ -18,7 +18,27 @@ import torch
 from accel_sim.functional import FunctionalSim
 from accel_sim.ir import Conv2d, Program, output_hw
 
-FITNESS_MODES = ("accuracy", "margin")
+from . import HwqError
+
+FITNESS_MODES = ("accuracy", "margin", "distill")
+
+
+@dataclass(frozen=True)
+class Targets:
+    """What a fitness batch's logits are scored against.
+
+    `teacher` holds the float network's logits for the batch in LSBs of the program's
+    integer logits, rounded once when the batch is drawn; only `distill` needs it.
+    """
+
+    labels: torch.Tensor
+    teacher: torch.Tensor | None = None
+
+
+def integer_logits(model: torch.nn.Module, images: torch.Tensor, logit_scale: float) -> torch.Tensor:
+    """A float network's logits in integer logit LSBs (round half to even)."""
+    with torch.no_grad():
+        return torch.round(model(images).double() / logit_scale).to(torch.int64)
 
 
 @dataclass(frozen=True)
@@ -28,23 +48,33 @@ class IntegerFitness:
     Per image, the margin is the true class's logit minus the largest other logit,
     clipped to [-clip, clip] (clip in logit LSBs). `accuracy`: the number of correct
     top-1 predictions (argmax, first index on ties), ties between candidates broken by
-    the sum of clipped margins; `margin`: the sum of clipped margins alone.
+    the sum of clipped margins; `margin`: the sum of clipped margins alone; `distill`:
+    minus the L1 distance between the logits and the float network's (the teacher's),
+    which every image informs, not only the few near the decision boundary.
     """
 
     mode: str
     clip: int
 
-    def score(self, logits: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
+    @property
+    def needs_teacher(self) -> bool:
+        return self.mode == "distill"
+
+    def score(self, logits: torch.Tensor, targets: Targets) -> np.ndarray:
         """(P,) scores of logits (P, N, classes)."""
+        if self.needs_teacher:
+            if targets.teacher is None:
+                raise HwqError("the distill fitness needs the float network's logits for the batch")
+            return -(logits - targets.teacher[None]).abs().sum(dim=(1, 2)).numpy()
+        index = targets.labels.to(torch.int64)
+        labels = index.view(1, -1, 1).expand(len(logits), -1, 1)
         n = logits.shape[1]
-        true = logits.gather(2, labels.view(1, -1, 1).expand(len(logits), -1, 1)).squeeze(2)
-        others = logits.scatter(
-            2, labels.view(1, -1, 1).expand(len(logits), -1, 1), torch.iinfo(torch.int64).min
-        )
+        true = logits.gather(2, labels).squeeze(2)
+        others = logits.scatter(2, labels, torch.iinfo(torch.int64).min)
         margin = (true - others.max(dim=2).values).clamp(-self.clip, self.clip).sum(dim=1)
         if self.mode == "margin":
             return margin.numpy()
-        correct = (logits.argmax(dim=2) == labels.view(1, -1)).sum(dim=1)
+        correct = (logits.argmax(dim=2) == index.view(1, -1)).sum(dim=1)
         return (correct * (2 * self.clip * n + 1) + margin + self.clip * n).numpy()
 
 
@@ -62,8 +92,8 @@ class Evaluator(ABC):
         self.macs = 0
 
     @abstractmethod
-    def set_batch(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        """Images (N, 3, 32, 32) uint8 and labels the fitness is measured on from now."""
+    def set_batch(self, images: torch.Tensor, targets: Targets) -> None:
+        """Images (N, 3, 32, 32) uint8 and what their logits are scored against, from now."""
 
     @abstractmethod
     def set_solution(self, weights: dict[str, np.ndarray]) -> int:
@@ -107,10 +137,10 @@ class SimEvaluator(Evaluator):
         self.macs_from = np.cumsum(macs[::-1])[::-1]
         self.sim = FunctionalSim(program, device, compile=compile)
         self.env: dict[str, torch.Tensor] = {}
-        self.labels = torch.empty(0, dtype=torch.int64)
+        self.targets = Targets(torch.empty(0, dtype=torch.int64))
 
-    def set_batch(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        self.labels = labels.to(torch.int64)
+    def set_batch(self, images: torch.Tensor, targets: Targets) -> None:
+        self.targets = targets
         self.env = {self.program.input: self.sim.input_carrier(images)}
         self.sim.execute(self.env)
 
@@ -122,18 +152,18 @@ class SimEvaluator(Evaluator):
             if self.env:
                 self.sim.execute(self.env, min(self.op_index[name] for name in changed))
         logits = self.env[self.program.output].to(torch.int64).flatten(1)
-        return int(self.fitness.score(logits[None], self.labels)[0])
+        return int(self.fitness.score(logits[None], self.targets)[0])
 
     def evaluate(self, candidates: dict[str, np.ndarray]) -> np.ndarray:
         start = min(self.op_index[name] for name in candidates) if self.incremental else 0
         population = len(next(iter(candidates.values())))
-        n = len(self.labels)
+        n = len(self.targets.labels)
         per_candidate = n * math.prod(self.program.tensors[self.program.ops[start].input].shape)
         chunk = max(1, self.max_elements // max(per_candidate, 1))
         scores = []
         for s in range(0, population, chunk):
             part = {name: w[s : s + chunk] for name, w in candidates.items()}
-            scores.append(self.fitness.score(self.population_logits(start, part), self.labels))
+            scores.append(self.fitness.score(self.population_logits(start, part), self.targets))
         self.evaluations += population
         self.macs += population * n * int(self.macs_from[start])
         return np.concatenate(scores)
@@ -171,7 +201,7 @@ class BrevitasEvaluator(Evaluator):
         self.scales = {name: m.quant_weight().scale.detach() for name, m in self.layers.items()}
         self.macs_per_image = sum(conv_macs(program, op) for op in program.conv_ops())
         self.images = torch.empty(0)
-        self.labels = torch.empty(0, dtype=torch.int64)
+        self.targets = Targets(torch.empty(0, dtype=torch.int64))
 
     def load(self, weights: dict[str, np.ndarray]) -> None:
         with torch.no_grad():
@@ -181,24 +211,23 @@ class BrevitasEvaluator(Evaluator):
                 layer.weight.copy_(ints * self.scales[name])
 
     def integer_logits(self) -> torch.Tensor:
-        with torch.no_grad():
-            return torch.round(self.qmodel(self.images).double() / self.logit_scale).to(torch.int64)
+        return integer_logits(self.qmodel, self.images, self.logit_scale)
 
-    def set_batch(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        self.images, self.labels = images, labels.to(torch.int64)
+    def set_batch(self, images: torch.Tensor, targets: Targets) -> None:
+        self.images, self.targets = images, targets
 
     def set_solution(self, weights: dict[str, np.ndarray]) -> int:
         self.context = {name: np.array(w) for name, w in weights.items()}
         self.load(self.context)
-        return int(self.fitness.score(self.integer_logits()[None], self.labels)[0])
+        return int(self.fitness.score(self.integer_logits()[None], self.targets)[0])
 
     def evaluate(self, candidates: dict[str, np.ndarray]) -> np.ndarray:
         population = len(next(iter(candidates.values())))
         scores = []
         for p in range(population):
             self.load({name: w[p] for name, w in candidates.items()})
-            scores.append(self.fitness.score(self.integer_logits()[None], self.labels)[0])
+            scores.append(self.fitness.score(self.integer_logits()[None], self.targets)[0])
         self.load({name: self.context[name] for name in candidates})
         self.evaluations += population
-        self.macs += population * len(self.labels) * self.macs_per_image
+        self.macs += population * len(self.targets.labels) * self.macs_per_image
         return np.asarray(scores)

@@ -427,14 +427,15 @@ def plot_layers(rows: list[dict]) -> plt.Figure:
 def plot_training(runs: list[Curve]) -> plt.Figure:
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
     for label, curve in runs:
-        start = curve[0]["best_fitness"] or 1
-        gain = [100 * (p["best_fitness"] / start - 1) for p in curve]
+        start = abs(curve[0]["best_fitness"]) or 1
+        gain = [100 * (p["best_fitness"] - curve[0]["best_fitness"]) / start for p in curve]
         top.plot([p["evaluations"] for p in curve], gain, label=label)
         held = [p for p in curve if p.get("val_accuracy") is not None]
         accuracy = [100 * p["val_accuracy"] for p in held]
         bottom.plot([p["evaluations"] for p in held], accuracy, "o-", label=label)
-    # Fitness scales with the batch size and margin clip, so runs compare by relative gain.
-    top.set(ylabel="best fitness vs start (%)", title="CC-EDA on accel_sim")
+    # Fitness scales with the batch size and margin clip, and distill's is negative (minus a
+    # distance), so runs compare by their gain relative to the starting fitness's size.
+    top.set(ylabel="best fitness gain vs |start| (%)", title="CC-EDA on accel_sim")
     bottom.set(xlabel="fitness evaluations", ylabel="held-out (val) accuracy (%)")
     for ax in (top, bottom):
         ax.grid(alpha=0.3)

@@ -27,7 +27,15 @@ from . import HwqError, __version__
 from .cceda import CCEDA, EDAConfig, SearchSpace
 from .data import load_split
 from .evaluate import evaluate_program, prepare
-from .evaluator import FITNESS_MODES, BrevitasEvaluator, Evaluator, IntegerFitness, SimEvaluator
+from .evaluator import (
+    FITNESS_MODES,
+    BrevitasEvaluator,
+    Evaluator,
+    IntegerFitness,
+    SimEvaluator,
+    Targets,
+    integer_logits,
+)
 from .lower import weight_positions
 from .model import QuantConfig
 from .results import write_json
@@ -82,7 +90,7 @@ class TrainConfig:
     budget_minutes: float | None = None
     radius: int = 1
     eda: EDAConfig = field(default_factory=EDAConfig)
-    fitness: str = "accuracy"
+    fitness: str = "distill"
     margin_clip: float = 4.0
     fitness_images: int = 256
     new_batch_every: int = 16
@@ -156,6 +164,7 @@ class _Run:
             cfg.mult_bits,
         )
         self.initial = prepared.program
+        self.float_model = prepared.float_model
         self.train = load_split(cfg.data, "train", cfg.val_fraction, cfg.split_seed)
         self.val = load_split(cfg.data, "val", cfg.val_fraction, cfg.split_seed)
         if cfg.fitness_images > len(self.train):
@@ -166,12 +175,12 @@ class _Run:
             positions = weight_positions(prepared.qmodel, self.initial)
         self.space = search_space(self.initial, cfg, positions)
         self.search = CCEDA(self.space, cfg.eda, cfg.seed)
-        fitness = IntegerFitness(cfg.fitness, logit_lsbs(self.initial, cfg.margin_clip))
+        self.fitness = IntegerFitness(cfg.fitness, logit_lsbs(self.initial, cfg.margin_clip))
         self.evaluator: Evaluator
         if cfg.target == "brevitas":
-            self.evaluator = BrevitasEvaluator(prepared.qmodel, self.initial, fitness)
+            self.evaluator = BrevitasEvaluator(prepared.qmodel, self.initial, self.fitness)
         else:
-            self.evaluator = SimEvaluator(self.initial, fitness, cfg.device, cfg.compile)
+            self.evaluator = SimEvaluator(self.initial, self.fitness, cfg.device, cfg.compile)
         self.batch_rng = np.random.default_rng([cfg.seed, 1])
         self.batch = np.empty(0, dtype=np.int64)
         self.elapsed = 0.0
@@ -195,8 +204,19 @@ class _Run:
 
     def new_batch(self) -> None:
         self.batch = np.sort(self.batch_rng.choice(len(self.train), self.cfg.fitness_images, replace=False))
-        self.evaluator.set_batch(self.train.images[self.batch], self.train.labels[self.batch])
+        self.set_batch()
         self.search.best_fitness = self.evaluator.set_solution(self.best_weights())
+
+    def set_batch(self) -> None:
+        """Hand the evaluator the drawn images with their labels and, for `distill`, the
+        float network's integer logits (recomputed on resume, the same on the same machine;
+        `load_state` checks that the best fitness is reproduced)."""
+        images = self.train.images[self.batch]
+        teacher = None
+        if self.fitness.needs_teacher:
+            scale = self.initial.tensors[self.initial.output].scale
+            teacher = integer_logits(self.float_model, images, scale)
+        self.evaluator.set_batch(images, Targets(self.train.labels[self.batch], teacher))
 
     def best_weights(self) -> dict[str, np.ndarray]:
         return self.space.unflatten(self.search.best_values())
@@ -228,7 +248,7 @@ class _Run:
         self.evaluator.evaluations, self.evaluator.macs = state["evaluations"], state["macs"]
         self.history = state["history"]
         self.best_val = state.get("best_val")
-        self.evaluator.set_batch(self.train.images[self.batch], self.train.labels[self.batch])
+        self.set_batch()
         if self.evaluator.set_solution(self.best_weights()) != saved_fitness:
             raise HwqError(f"{self.dir / STATE_FILE} does not reproduce its own best fitness")
         self.truncate_log(self.search.generation)

@@ -8,17 +8,19 @@ import torch
 
 from accel_sim.functional import FunctionalSim
 from accel_sim.ir import Accumulator, Conv2d, Program, Requant, TensorSpec
+from hwq import HwqError
 from hwq.cceda import (
     CCEDA,
     EDAConfig,
     SearchSpace,
+    confidence,
     initial_probabilities,
     least_confident_group,
     sample_categories,
     select_best,
     updated_probabilities,
 )
-from hwq.evaluator import IntegerFitness, SimEvaluator
+from hwq.evaluator import IntegerFitness, SimEvaluator, Targets
 
 
 def space(sizes=(40, 30, 30), bits=4, seed=0) -> SearchSpace:
@@ -71,7 +73,19 @@ def test_probability_floor_keeps_every_valid_level_alive():
     valid = np.array([[False, True, True]])
     chosen = np.array([[1], [1]])
     moved = updated_probabilities(probs, chosen, 1.0, valid, floor=0.05)
-    np.testing.assert_allclose(moved, [[0.0, 1 / 1.05, 0.05 / 1.05]])
+    np.testing.assert_allclose(moved, [[0.0, 0.95, 0.05]])
+
+
+def test_converged_weights_are_equally_confident_whatever_their_levels():
+    """A weight at the edge of its range has two levels, the others three; once converged
+    they must tie, or regrouping never comes back to the edge weights (it did not, before)."""
+    valid = np.array([[False, True, True], [True, True, True]])
+    probs = np.array([[0.0, 0.6, 0.4], [0.3, 0.4, 0.3]])
+    assert confidence(probs, valid).tolist() == [0.6, 0.7]
+    for _ in range(60):
+        probs = updated_probabilities(probs, np.array([[1, 1]]), 0.3, valid, floor=0.02)
+    np.testing.assert_allclose(probs, [[0.0, 0.98, 0.02], [0.02, 0.96, 0.02]])
+    assert confidence(probs, valid).tolist() == [0.98, 0.98]
 
 
 def test_grouping_takes_the_least_confident_weights():
@@ -156,9 +170,10 @@ def linear_classifier(weight: np.ndarray) -> Program:
     return Program(tensors, [op], "input", "logits", Accumulator(32, "wrap"))
 
 
-def test_search_on_accel_sim_recovers_a_perfect_classifier():
+@pytest.fixture(scope="module")
+def toy_task():
     """A teacher's weights label 200 well-separated points; the search starts from the
-    teacher with every weight moved by one level and must get all 200 right again."""
+    teacher with every weight moved by one level."""
     rng = np.random.default_rng(0)
     teacher = rng.integers(-7, 8, size=(10, 16))
     features = rng.integers(0, 256, size=(2000, 16))
@@ -168,23 +183,62 @@ def test_search_on_accel_sim_recovers_a_perfect_classifier():
     images = torch.from_numpy(features[keep].reshape(-1, 16, 1, 1)).to(torch.uint8)
     labels = torch.from_numpy(logits[keep].argmax(1))
     start = np.clip(teacher + rng.choice([-1, 1], size=teacher.shape), -7, 7)
+    return teacher, start, images, labels
+
+
+def search_toy(evaluator: SimEvaluator, solved) -> tuple[int, int, np.ndarray]:
+    """CC-EDA on the toy classifier until `solved(best fitness)`: (start fitness, end
+    fitness, weights found)."""
+    s = SearchSpace.from_weights({"fc": evaluator.program.op("fc").weight}, {"fc": 4}, radius=1)
+    search = CCEDA(s, EDAConfig(population=16, selected=4, group_size=40, generations_per_group=1), seed=0)
+    search.best_fitness = first = evaluator.set_solution(s.unflatten(search.best_values()))
+    for _ in range(600):
+        if solved(search.best_fitness):
+            break
+        if search.tell(evaluator.evaluate(search.candidate_values(search.ask()))):
+            evaluator.set_solution(s.unflatten(search.best_values()))
+    return first, search.best_fitness, s.unflatten(search.best_values())["fc"]
+
+
+def test_search_on_accel_sim_recovers_a_perfect_classifier(toy_task):
+    _, start, images, labels = toy_task
     program = linear_classifier(start)
     evaluator = SimEvaluator(program, IntegerFitness("accuracy", clip=64))
-    evaluator.set_batch(images, labels)
-    s = SearchSpace.from_weights({"fc": program.op("fc").weight}, {"fc": 4}, radius=1)
-    search = CCEDA(s, EDAConfig(population=16, selected=4, group_size=40, generations_per_group=1), seed=0)
-    search.best_fitness = evaluator.set_solution(s.unflatten(search.best_values()))
+    evaluator.set_batch(images, Targets(labels))
     correct = lambda f: f // (2 * 64 * 200 + 1)  # noqa: E731
-    assert correct(search.best_fitness) < 197
-    for _ in range(200):
-        improved = search.tell(evaluator.evaluate(search.candidate_values(search.ask())))
-        if improved:
-            evaluator.set_solution(s.unflatten(search.best_values()))
-        if correct(search.best_fitness) == 200:
-            break
-    assert correct(search.best_fitness) == 200
-    found = FunctionalSim(program.with_weights(s.unflatten(search.best_values()))).run(images).logits
+    first, best, weights = search_toy(evaluator, lambda f: correct(f) == 200)
+    assert correct(first) < 197 and correct(best) == 200
+    found = FunctionalSim(program.with_weights({"fc": weights})).run(images).logits
     assert torch.equal(found.argmax(1), labels)
+
+
+def test_distillation_recovers_the_teachers_weights(toy_task):
+    """With the teacher's integer logits as the target, the unique optimum (L1 distance 0)
+    is the teacher itself, all 160 weights. Each image lights one feature, so every weight
+    can be corrected on its own (with dense unsigned features, corrections of two weights
+    of one row with opposite signs only pay together, and the EDA rarely samples both)."""
+    teacher, start, _, _ = toy_task
+    rng = np.random.default_rng(1)
+    features = np.zeros((200, 16), dtype=np.int64)
+    features[np.arange(200), np.arange(200) % 16] = rng.integers(1, 256, size=200)
+    images = torch.from_numpy(features.reshape(-1, 16, 1, 1)).to(torch.uint8)
+    teacher_logits = FunctionalSim(linear_classifier(teacher)).run(images).logits.to(torch.int64)
+    evaluator = SimEvaluator(linear_classifier(start), IntegerFitness("distill", clip=64))
+    evaluator.set_batch(images, Targets(teacher_logits.argmax(1), teacher_logits))
+    first, best, weights = search_toy(evaluator, lambda f: f == 0)
+    assert first < 0 and best == 0
+    np.testing.assert_array_equal(weights[:, :, 0, 0], teacher)
+
+
+def test_fitness_scores_are_the_documented_integers():
+    logits = torch.tensor([[[5, 1, 0], [2, 2, 9]], [[0, 3, 0], [1, 0, 1]]])
+    targets = Targets(torch.tensor([0, 2]), torch.tensor([[4, 1, 1], [2, 0, 9]]))
+    np.testing.assert_array_equal(IntegerFitness("margin", clip=3).score(logits, targets), [3 + 3, -3 + 0])
+    accuracy = IntegerFitness("accuracy", clip=3).score(logits, targets)
+    np.testing.assert_array_equal(accuracy, [2 * 13 + 6 + 6, 0 * 13 - 3 + 6])
+    np.testing.assert_array_equal(IntegerFitness("distill", clip=3).score(logits, targets), [-4, -16])
+    with pytest.raises(HwqError, match="distill fitness needs"):
+        IntegerFitness("distill", clip=3).score(logits, Targets(targets.labels))
 
 
 @pytest.mark.parametrize(
@@ -199,7 +253,5 @@ def test_search_on_accel_sim_recovers_a_perfect_classifier():
     ],
 )
 def test_bad_settings_are_named(field, value):
-    from hwq import HwqError
-
     with pytest.raises(HwqError, match=field.replace("_", "-")):
         EDAConfig(**{field: value}).validate()

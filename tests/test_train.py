@@ -14,7 +14,7 @@ from hwq.cceda import EDAConfig
 from hwq.cli import main
 from hwq.data import load_split
 from hwq.evaluate import evaluate_program, prepare
-from hwq.evaluator import BrevitasEvaluator, IntegerFitness, SimEvaluator
+from hwq.evaluator import BrevitasEvaluator, IntegerFitness, SimEvaluator, Targets
 from hwq.train import TrainConfig, train
 
 from .helpers import write_checkpoint, write_cifar_batches
@@ -64,14 +64,14 @@ def uninterrupted(workspace):
     return summary, final_weights(workspace, "full"), log_lines(workspace, "full")
 
 
-def assert_same_run(workspace, out: str, reference) -> None:
+def assert_same_run(workspace, out: str, reference, reference_out: str = "full") -> None:
     _, weights, log = reference
     got = final_weights(workspace, out)
     assert got.keys() == weights.keys()
     for name in weights:
         np.testing.assert_array_equal(got[name], weights[name], err_msg=name)
     assert log_lines(workspace, out) == log
-    best_val = [program_digest(load_program(workspace[0] / d / "best_val.ir")) for d in (out, "full")]
+    best_val = [program_digest(load_program(workspace[0] / d / "best_val.ir")) for d in (out, reference_out)]
     assert best_val[0] == best_val[1]
 
 
@@ -106,6 +106,19 @@ def test_resume_after_a_crash_is_exact(workspace, uninterrupted, monkeypatch):
     monkeypatch.setattr(SimEvaluator, "evaluate", original)
     train(config(workspace, "crash", 40), resume=True)
     assert_same_run(workspace, "crash", uninterrupted)
+
+
+def test_accuracy_fitness_run_resumes_exactly(workspace, uninterrupted):
+    """Both fitness kinds resume exactly (the default, distill, recomputes the float
+    network's logits for the batch on resume); distill scores minus a distance, accuracy
+    a positive count."""
+    assert all(d["best_fitness"] < 0 for d in uninterrupted[2])
+    reference = train(config(workspace, "accuracy", 24, fitness="accuracy"))
+    reference = (reference, final_weights(workspace, "accuracy"), log_lines(workspace, "accuracy"))
+    assert all(d["best_fitness"] > 0 for d in reference[2])
+    train(config(workspace, "accuracy_split", 12, fitness="accuracy"))
+    train(config(workspace, "accuracy_split", 24, fitness="accuracy"), resume=True)
+    assert_same_run(workspace, "accuracy_split", reference, "accuracy")
 
 
 def test_final_ir_replays_the_reported_accuracy(workspace, uninterrupted, capsys):
@@ -246,7 +259,7 @@ def test_brevitas_target_scores_like_accel_sim_and_is_reevaluated_on_it(workspac
     prepared = prepare(cfg.checkpoint, cfg.quant(), cfg.data, cfg.calibration_images)
     ds = load_split(cfg.data, "train").head(32)
     brevitas = BrevitasEvaluator(prepared.qmodel, prepared.program, IntegerFitness("margin", 1))
-    brevitas.set_batch(ds.images, ds.labels)
+    brevitas.set_batch(ds.images, Targets(ds.labels))
     brevitas.set_solution({op.name: op.weight for op in prepared.program.conv_ops()})
     sim_logits = FunctionalSim(prepared.program).run(ds.images).logits
     assert (brevitas.integer_logits() - sim_logits).abs().double().median() <= 2
