@@ -183,6 +183,7 @@ class _Run:
             self.evaluator = SimEvaluator(self.initial, self.fitness, cfg.device, cfg.compile)
         self.batch_rng = np.random.default_rng([cfg.seed, 1])
         self.batch = np.empty(0, dtype=np.int64)
+        self.targets = Targets(torch.empty(0, dtype=torch.int64))
         self.elapsed = 0.0
         self.history: list[dict] = []
         self.best_val: dict | None = None
@@ -207,16 +208,17 @@ class _Run:
         self.set_batch()
         self.search.best_fitness = self.evaluator.set_solution(self.best_weights())
 
-    def set_batch(self) -> None:
+    def set_batch(self, teacher: torch.Tensor | None = None) -> None:
         """Hand the evaluator the drawn images with their labels and, for `distill`, the
-        float network's integer logits (recomputed on resume, the same on the same machine;
-        `load_state` checks that the best fitness is reproduced)."""
+        float network's integer logits: computed here for a new batch, restored from the
+        state on resume (float convolutions may round differently on another machine or
+        thread count, and the resumed run must go on exactly)."""
         images = self.train.images[self.batch]
-        teacher = None
-        if self.fitness.needs_teacher:
+        if teacher is None and self.fitness.needs_teacher:
             scale = self.initial.tensors[self.initial.output].scale
             teacher = integer_logits(self.float_model, images, scale)
-        self.evaluator.set_batch(images, Targets(self.train.labels[self.batch], teacher))
+        self.targets = Targets(self.train.labels[self.batch], teacher)
+        self.evaluator.set_batch(images, self.targets)
 
     def best_weights(self) -> dict[str, np.ndarray]:
         return self.space.unflatten(self.search.best_values())
@@ -229,6 +231,7 @@ class _Run:
             "search": self.search.state_dict(),
             "batch_rng": self.batch_rng.bit_generator.state,
             "batch": self.batch,
+            "teacher": self.targets.teacher,
             "elapsed": self.elapsed,
             "evaluations": self.evaluator.evaluations,
             "macs": self.evaluator.macs,
@@ -248,7 +251,7 @@ class _Run:
         self.evaluator.evaluations, self.evaluator.macs = state["evaluations"], state["macs"]
         self.history = state["history"]
         self.best_val = state.get("best_val")
-        self.set_batch()
+        self.set_batch(state.get("teacher"))
         if self.evaluator.set_solution(self.best_weights()) != saved_fitness:
             raise HwqError(f"{self.dir / STATE_FILE} does not reproduce its own best fitness")
         self.truncate_log(self.search.generation)

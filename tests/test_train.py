@@ -108,6 +108,18 @@ def test_resume_after_a_crash_is_exact(workspace, uninterrupted, monkeypatch):
     assert_same_run(workspace, "crash", uninterrupted)
 
 
+def test_resume_restores_the_float_logits_of_the_batch(workspace, monkeypatch):
+    """Float convolutions may round differently on another machine or thread count; a
+    resumed run takes its batch's float logits from the state instead of recomputing them."""
+    train(config(workspace, "teacher", 8))
+
+    def recomputed(*_):
+        raise AssertionError("the batch's float logits were recomputed on resume")
+
+    monkeypatch.setattr("hwq.train.integer_logits", recomputed)
+    assert train(config(workspace, "teacher", 12), resume=True)["evaluations"] == 12
+
+
 def test_accuracy_fitness_run_resumes_exactly(workspace, uninterrupted):
     """Both fitness kinds resume exactly (the default, distill, recomputes the float
     network's logits for the batch on resume); distill scores minus a distance, accuracy
