@@ -241,6 +241,13 @@ def test_fitness_scores_are_the_documented_integers():
         IntegerFitness("distill", clip=3).score(logits, Targets(targets.labels))
 
 
+def test_a_floor_the_levels_cannot_hold_is_refused():
+    wide = SearchSpace.from_weights({"w": np.zeros(4, dtype=np.int64)}, {"w": 4}, radius=3)
+    with pytest.raises(HwqError, match="min-prob 0.15 on each of 7 levels"):
+        CCEDA(wide, EDAConfig(min_prob=0.15), seed=0)
+    CCEDA(wide, EDAConfig(min_prob=0.14), seed=0)
+
+
 @pytest.mark.parametrize(
     "field,value",
     [
