@@ -20,7 +20,7 @@ from pathlib import Path
 
 from accel_sim.hardware import DATAFLOWS, load_accelerator
 from accel_sim.timing import ProgramTiming, program_timing
-from hwq.cli import add_model_flags, sim_program
+from hwq.flags import add_model_flags, program_from_args
 
 EDGE = Path(__file__).resolve().parents[1] / "examples" / "edge_16x16.toml"
 SIZES = (8, 16, 32, 64)
@@ -56,7 +56,7 @@ def main() -> int:
     args = parser.parse_args()
     base = load_accelerator(args.hw)
     base = dataclasses.replace(base, dataflow=args.dataflow or base.dataflow)
-    program = sim_program(args)
+    program = program_from_args(args)
     start = time.perf_counter()
     sweep = {n: program_timing(program, dataclasses.replace(base, rows=n, cols=n)) for n in SIZES}
     seconds = time.perf_counter() - start

@@ -20,12 +20,12 @@ import numpy as np
 
 warnings.filterwarnings("ignore")
 
-from hwq.cceda import EDAConfig, SearchSpace  # noqa: E402
 from hwq.data import load_split  # noqa: E402
-from hwq.evaluate import prepare  # noqa: E402
-from hwq.evaluator import IntegerFitness, SimEvaluator, Targets  # noqa: E402
-from hwq.model import QuantConfig  # noqa: E402
-from hwq.train import logit_lsbs  # noqa: E402
+from hwq.quant.evaluate import prepare  # noqa: E402
+from hwq.quant.model import QuantConfig  # noqa: E402
+from hwq.search.cceda import EDAConfig, SearchSpace  # noqa: E402
+from hwq.search.evaluator import IntegerFitness, SimEvaluator, Targets  # noqa: E402
+from hwq.search.train import logit_lsbs  # noqa: E402
 
 LAYERS = ("conv1", "layer2.0.conv2", "layer3.2.conv2", "fc")
 

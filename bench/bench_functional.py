@@ -23,8 +23,8 @@ warnings.filterwarnings("ignore")
 
 from accel_sim.functional import FunctionalSim  # noqa: E402
 from hwq.data import load_split  # noqa: E402
-from hwq.evaluate import prepare  # noqa: E402
-from hwq.model import QuantConfig  # noqa: E402
+from hwq.quant.evaluate import prepare  # noqa: E402
+from hwq.quant.model import QuantConfig  # noqa: E402
 
 
 def best_rate(run: Callable[[torch.Tensor], object], images: torch.Tensor, batch: int, repeats: int) -> float:

@@ -27,7 +27,7 @@ from pathlib import Path
 from accel_sim.hardware import Accelerator
 from accel_sim.ir import Program
 from accel_sim.timing import program_timing
-from hwq.cli import add_model_flags, sim_program
+from hwq.flags import add_model_flags, program_from_args
 
 VENV = Path(__file__).resolve().parent / ".scalesim-venv"
 SCALESIM = "scalesim==3.0.0"
@@ -195,7 +195,7 @@ def main() -> None:
     parser.add_argument("--dataflow", choices=("os", "ws", "is"), action="append", help="repeatable (os, ws)")
     parser.add_argument("--repeats", type=int, default=20, help="timings of accel_sim; the best is kept")
     args = parser.parse_args()
-    program = sim_program(args)
+    program = program_from_args(args)
     worst = max(
         compare(program, rows, cols, dataflow, args.repeats)
         for rows, cols in args.array or [(16, 16)]

@@ -12,12 +12,14 @@ import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from . import HwqError
-from .model import cache_dir
+from . import HwqError, cache_dir
+
+if TYPE_CHECKING:
+    import torch
 
 SPLITS = ("train", "val", "test")
 BATCHES_DIR = "cifar-10-batches-py"
@@ -27,6 +29,8 @@ DEFAULT_SPLIT_SEED = 0
 
 @dataclass(frozen=True)
 class Dataset:
+    """Images (N, 3, 32, 32) uint8 and labels (N,) int64, as torch tensors."""
+
     images: torch.Tensor
     labels: torch.Tensor
     name: str
@@ -109,7 +113,7 @@ def load_split(
         if not (batches / "test_batch").exists():
             raise HwqError(f"{batches} has no test_batch (a training subset?); use --split val")
         images, labels = read_batch(batches / "test_batch")
-        return Dataset(torch.from_numpy(images), torch.from_numpy(labels), "test")
+        return as_dataset(images, labels, "test")
     files = sorted(batches.glob("data_batch_*"))
     if not files:
         raise HwqError(f"{batches} has no data_batch_* files")
@@ -119,4 +123,10 @@ def load_split(
     order = np.random.default_rng(seed).permutation(len(labels))
     n_val = round(val_fraction * len(labels))
     chosen = order[:n_val] if split == "val" else order[n_val:]
-    return Dataset(torch.from_numpy(images[chosen]), torch.from_numpy(labels[chosen]), split)
+    return as_dataset(images[chosen], labels[chosen], split)
+
+
+def as_dataset(images: np.ndarray, labels: np.ndarray, name: str) -> Dataset:
+    import torch  # here, so that the torch-free commands (hwq sim, report) start fast
+
+    return Dataset(torch.from_numpy(images), torch.from_numpy(labels), name)

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from hwq.data import load_split
-from hwq.lower import lower
-from hwq.model import QuantConfig, ResNetCifar, calibrate, load_float_model, quantize_model
+from hwq.quant.lower import lower
+from hwq.quant.model import QuantConfig, ResNetCifar, calibrate, load_float_model, quantize_model
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 CHECKPOINT = SHARED / "models" / "resnet20-12fca82f.th"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from hwq.data import load_split
-from hwq.evaluate import evaluate_model, evaluate_program, layer_lsb_differences
-from hwq.model import QuantConfig
+from hwq.quant.evaluate import evaluate_model, evaluate_program, layer_lsb_differences
+from hwq.quant.model import QuantConfig
 
 from .helpers import DATA, HAVE_SHARED, brevitas_model, float_model, program_for
 

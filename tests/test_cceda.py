@@ -9,7 +9,7 @@ import torch
 from accel_sim.functional import FunctionalSim
 from accel_sim.ir import Accumulator, Conv2d, Program, Requant, TensorSpec
 from hwq import HwqError
-from hwq.cceda import (
+from hwq.search.cceda import (
     CCEDA,
     EDAConfig,
     SearchSpace,
@@ -20,7 +20,7 @@ from hwq.cceda import (
     select_best,
     updated_probabilities,
 )
-from hwq.evaluator import IntegerFitness, SimEvaluator, Targets
+from hwq.search.evaluator import IntegerFitness, SimEvaluator, Targets
 
 
 def space(sizes=(40, 30, 30), bits=4, seed=0) -> SearchSpace:

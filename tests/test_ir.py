@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from accel_sim.ir import Accumulator, IRError, load_program, program_digest, save_program
-from hwq.model import QuantConfig
+from hwq.quant.model import QuantConfig
 
 from .helpers import program_for
 

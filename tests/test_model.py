@@ -7,8 +7,8 @@ import torch
 
 from accel_sim.functional import FunctionalSim
 from hwq import HwqError
-from hwq.lower import lower
-from hwq.model import QuantConfig, ResNetCifar, calibrate, load_float_model, quantize_model
+from hwq.quant.lower import lower
+from hwq.quant.model import QuantConfig, ResNetCifar, calibrate, load_float_model, quantize_model
 
 from .helpers import random_resnet, write_checkpoint
 

@@ -8,7 +8,7 @@ import torch
 
 from accel_sim.functional import FunctionalSim
 from accel_sim.ir import Accumulator
-from hwq.model import QuantConfig
+from hwq.quant.model import QuantConfig
 
 from .helpers import calibration_images, program_for
 

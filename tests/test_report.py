@@ -12,8 +12,8 @@ import pytest
 
 from hwq import HwqError
 from hwq.cli import main
-from hwq.report import FIGURES, TABLES, build_report, pareto_front
-from hwq.sweep import read_results
+from hwq.studies.report import FIGURES, TABLES, build_report, pareto_front
+from hwq.studies.rows import read_results
 
 ARRAYS = ((8, 8), (16, 16))
 

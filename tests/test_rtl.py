@@ -23,7 +23,7 @@ import pytest
 from accel_sim.ir import Accumulator, Requant, TensorSpec, save_program
 from accel_sim.timing import tile_compute_cycles
 from hwq.cli import main
-from hwq.model import QuantConfig
+from hwq.quant.model import QuantConfig
 from rtl_models import area, cosim, cycles, sim
 
 from .helpers import calibration_images, program_for, write_cifar_batches

@@ -8,13 +8,14 @@ import shlex
 
 import pytest
 
-import hwq.sweep as sweep_module
+import hwq.studies.sweep as sweep_module
 from accel_sim.ir import Accumulator, load_program, program_digest
 from hwq import HwqError
-from hwq.cceda import EDAConfig
 from hwq.cli import main
-from hwq.report import build_report
-from hwq.sweep import SweepConfig, parse_arrays, parse_int_list, read_results, sweep
+from hwq.search.cceda import EDAConfig
+from hwq.studies.report import build_report
+from hwq.studies.rows import read_results
+from hwq.studies.sweep import SweepConfig, parse_arrays, parse_int_list, sweep
 
 from .helpers import write_checkpoint, write_cifar_batches
 

@@ -23,7 +23,7 @@ from accel_sim.timing import (
     tile_compute_cycles,
 )
 from hwq.cli import main
-from hwq.model import QuantConfig
+from hwq.quant.model import QuantConfig
 
 from .helpers import program_for
 

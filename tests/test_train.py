@@ -10,12 +10,12 @@ import pytest
 from accel_sim.functional import FunctionalSim
 from accel_sim.ir import load_program, program_digest
 from hwq import HwqError
-from hwq.cceda import EDAConfig
 from hwq.cli import main
 from hwq.data import load_split
-from hwq.evaluate import evaluate_program, prepare
-from hwq.evaluator import BrevitasEvaluator, IntegerFitness, SimEvaluator, Targets
-from hwq.train import TrainConfig, train
+from hwq.quant.evaluate import evaluate_program, prepare
+from hwq.search.cceda import EDAConfig
+from hwq.search.evaluator import BrevitasEvaluator, IntegerFitness, SimEvaluator, Targets
+from hwq.search.train import TrainConfig, train
 
 from .helpers import write_checkpoint, write_cifar_batches
 
@@ -116,7 +116,7 @@ def test_resume_restores_the_float_logits_of_the_batch(workspace, monkeypatch):
     def recomputed(*_):
         raise AssertionError("the batch's float logits were recomputed on resume")
 
-    monkeypatch.setattr("hwq.train.integer_logits", recomputed)
+    monkeypatch.setattr("hwq.search.train.integer_logits", recomputed)
     assert train(config(workspace, "teacher", 12), resume=True)["evaluations"] == 12
 
 

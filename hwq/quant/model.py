@@ -9,7 +9,6 @@ first convolution, so that the integer program's input is the raw image itself.
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from brevitas.quant import (
     Uint8ActPerTensorFloat,
 )
 
-from . import HwqError
+from .. import HwqError, cache_dir
 
 CIFAR_MEAN = (0.485, 0.456, 0.406)
 CIFAR_STD = (0.229, 0.224, 0.225)
@@ -234,10 +233,6 @@ class ResNetCifar(nn.Module):
 
 # ---------------------------------------------------------------------------------------
 # Checkpoints
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("HWQ_CACHE", Path.home() / ".cache" / "hwq"))
 
 
 def resolve_checkpoint(spec: str) -> Path:

@@ -26,7 +26,7 @@ from accel_sim.ir import (
     TensorSpec,
 )
 
-from . import HwqError, __version__
+from .. import HwqError, __version__
 from .model import BasicBlock, QuantConfig, ResNetCifar, input_zero_points
 
 LOGIT_BITS = 32

@@ -23,12 +23,15 @@ from tqdm import tqdm
 
 from accel_sim.ir import Accumulator, Program, atomic_write_bytes, save_program
 
-from . import HwqError, __version__
+from .. import HwqError, __version__
+from ..data import load_split
+from ..quant.evaluate import evaluate_program, prepare
+from ..quant.lower import weight_positions
+from ..quant.model import QuantConfig
+from ..results import write_json
+from . import FITNESS_MODES
 from .cceda import CCEDA, EDAConfig, SearchSpace
-from .data import load_split
-from .evaluate import evaluate_program, prepare
 from .evaluator import (
-    FITNESS_MODES,
     BrevitasEvaluator,
     Evaluator,
     IntegerFitness,
@@ -36,9 +39,6 @@ from .evaluator import (
     Targets,
     integer_logits,
 )
-from .lower import weight_positions
-from .model import QuantConfig
-from .results import write_json
 
 TARGETS = ("accel_sim", "brevitas")
 STATE_FILE = "state.pkl"

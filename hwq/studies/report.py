@@ -21,9 +21,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from . import HwqError  # noqa: E402
-from .results import write_csv  # noqa: E402
-from .sweep import RESULTS_FILE, read_results, training_curve  # noqa: E402
+from .. import HwqError  # noqa: E402
+from ..results import write_csv  # noqa: E402
+from .rows import RESULTS_FILE, read_results, training_curve  # noqa: E402
 
 FIGURES = {
     "accuracy_vs_weight_bits": "Accuracy vs weight bits, one line per activation width",

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from . import HwqError
+from .. import HwqError
 
 
 @dataclass(frozen=True)

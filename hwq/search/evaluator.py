@@ -18,9 +18,7 @@ import torch
 from accel_sim.functional import FunctionalSim
 from accel_sim.ir import Conv2d, Program, output_hw
 
-from . import HwqError
-
-FITNESS_MODES = ("accuracy", "margin", "distill")
+from .. import HwqError
 
 
 @dataclass(frozen=True)

@@ -17,12 +17,10 @@ from tqdm import tqdm
 from accel_sim.functional import FunctionalSim, LayerStats
 from accel_sim.ir import Accumulator, Program
 
-from .data import Dataset, load_split
+from ..data import Dataset, load_split
+from . import DEFAULT_BATCH, DEFAULT_CALIBRATION_IMAGES
 from .lower import lower
 from .model import QuantConfig, ResNetCifar, calibrate, load_float_model, quantize_model
-
-DEFAULT_BATCH = 50
-DEFAULT_CALIBRATION_IMAGES = 512
 
 
 @dataclass

@@ -1,0 +1,89 @@
+"""Flags shared by several `hwq` commands, and their conversion into library objects.
+
+Only light modules are imported here: every command builds its parser from this file,
+and `hwq --help`, `hwq sim --ir` or `hwq report` must not pay for importing torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING
+
+from accel_sim.ir import Accumulator, Program, load_program
+
+from . import HwqError
+from .data import DEFAULT_SPLIT_SEED, DEFAULT_VAL_FRACTION, SPLITS
+from .quant import DEFAULT_CALIBRATION_IMAGES, DEFAULT_MULT_BITS
+
+if TYPE_CHECKING:
+    from .quant.model import QuantConfig
+
+
+def add_data_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", help="CIFAR-10 directory (default: $HWQ_DATA, then ~/.cache/hwq/cifar10)")
+    p.add_argument(
+        "--split", choices=SPLITS, default="val", help="test = test_batch; train/val partition data_batch_*"
+    )
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=DEFAULT_VAL_FRACTION,
+        help="share of training images held out as val",
+    )
+    p.add_argument(
+        "--split-seed", type=int, default=DEFAULT_SPLIT_SEED, help="seed of the train/val permutation"
+    )
+    p.add_argument("--limit", type=int, help="evaluate only the first N images of the split")
+
+
+def add_model_flags(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("--checkpoint", help="float checkpoint path, or 'resnet20' to download the public one")
+    p.add_argument("--wbits", type=int, required=required, help="weight bits (2-16)")
+    p.add_argument("--abits", type=int, required=required, help="activation bits (2-16)")
+    p.add_argument("--per-channel", action="store_true", help="per-output-channel weight scales")
+    p.add_argument("--first-wbits", type=int, help="weight bits of the first conv (default: --wbits)")
+    p.add_argument("--last-wbits", type=int, help="weight bits of the classifier (default: --wbits)")
+    p.add_argument(
+        "--calibration-images",
+        type=int,
+        default=DEFAULT_CALIBRATION_IMAGES,
+        help="training images used to calibrate activation scales",
+    )
+    p.add_argument("--mult-bits", type=int, default=DEFAULT_MULT_BITS, help="requantization multiplier width")
+
+
+def add_accumulator_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--acc-bits", type=int, help="accumulator width (default: the program's, 32 when lowering)"
+    )
+    p.add_argument("--overflow", choices=("wrap", "saturate"), help="accumulator overflow mode")
+
+
+def quant_config(args: argparse.Namespace) -> QuantConfig:
+    from .quant.model import QuantConfig
+
+    if args.wbits is None or args.abits is None:
+        raise HwqError("--wbits and --abits are required with --checkpoint")
+    cfg = QuantConfig(args.wbits, args.abits, args.per_channel, args.first_wbits, args.last_wbits)
+    cfg.validate()
+    return cfg
+
+
+def accumulator_override(args: argparse.Namespace, current: Accumulator) -> Accumulator:
+    acc = Accumulator(args.acc_bits or current.bits, args.overflow or current.overflow)
+    acc.validate()
+    return acc
+
+
+def program_from_args(args: argparse.Namespace) -> Program:
+    """The program a command runs: an IR file (--ir), or a checkpoint lowered here."""
+    if bool(args.checkpoint) == bool(args.ir):
+        raise HwqError("give exactly one of --ir or --checkpoint")
+    if args.ir:
+        return load_program(args.ir)
+    from .quant.evaluate import prepare
+
+    prepared = prepare(
+        args.checkpoint, quant_config(args), args.data, args.calibration_images, mult_bits=args.mult_bits
+    )
+    return prepared.program
