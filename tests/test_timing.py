@@ -285,6 +285,38 @@ def test_config_errors_name_the_field(edit, field):
         accelerator_from_dict(doc)
 
 
+@pytest.mark.parametrize(
+    "dataflow, buffer, operand, bits, need",
+    [
+        # One 8x8 tile of the operand the dataflow holds, at precision 4-bit weights, 8-bit activations:
+        ("os", "output_bytes", "outputs", 8, 64),  # 64 outputs x 8 bits, drained from the PEs
+        ("ws", "weight_bytes", "weights", 4, 32),  # 64 weights x 4 bits, loaded into the PEs
+        ("is", "input_bytes", "activations", 8, 64),  # 64 activations x 8 bits
+    ],
+)
+def test_each_dataflow_needs_one_tile_of_its_stationary_operand(dataflow, buffer, operand, bits, need):
+    doc = minimal_doc() | {"precision": {"weight_bits": 4, "act_bits": 8}}
+    doc["array"]["dataflow"] = dataflow
+    doc["buffers"][buffer] = need
+    accelerator_from_dict(doc)
+    doc["buffers"][buffer] = need - 1
+    with pytest.raises(IRError) as caught:
+        accelerator_from_dict(doc)
+    assert str(caught.value) == (
+        f"buffers.{buffer} = {need - 1} is smaller than one 8x8 tile of the {dataflow} dataflow's "
+        f"stationary {operand} ({need} bytes at {bits} bits)"
+    )
+
+
+def test_one_byte_buffers_are_refused_without_precision():
+    # The case: an os array with 1-byte buffers. Unset precision: 2-bit outputs at
+    # least, so one 8x8 tile needs 64 x 2 / 8 = 16 bytes.
+    doc = minimal_doc()
+    doc["buffers"] = {"weight_bytes": 1, "input_bytes": 1, "output_bytes": 1}
+    with pytest.raises(IRError, match=r"buffers\.output_bytes = 1 .* \(16 bytes at 2 bits\)"):
+        accelerator_from_dict(doc)
+
+
 def test_unreadable_file_is_one_error(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[array\nrows = 8\n")
