@@ -36,8 +36,8 @@ MAX_MULT_BITS = 20
 MAX_SHIFT = 48
 MAX_OFFSET = 2**60
 # Every requantization sum's worst case stays below this (docs/datapath.md, Requantization).
-# Folding acc0 and the zero points into per-channel constants, as accel_sim and the RTL do,
-# at most triples a term, and 3 * 2**61 < 2**63: every such rearrangement fits in int64.
+# Folding acc0 and the zero points into per-channel constants, as accel_sim does, at most
+# triples a term, and 3 * 2**61 < 2**63: every such rearrangement fits in int64.
 REQUANT_BOUND_BITS = 61
 REQUANT_BOUND = 1 << REQUANT_BOUND_BITS
 REQUANT_BOUND_TEXT = f"2**{REQUANT_BOUND_BITS}"
