@@ -14,6 +14,7 @@ import io
 import json
 import os
 import struct
+import sys
 import tempfile
 import zipfile
 import zlib
@@ -472,7 +473,8 @@ _JSON_KINDS = {
 def _checked(value: Any, path: str, kind: type) -> Any:
     """`value` if it has JSON type `kind` (bool is not an integer; a number may be an int)."""
     if kind is float:
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        ok = isinstance(value, float) or (isinstance(value, int) and not isinstance(value, bool))
+        ok = ok and abs(value) <= sys.float_info.max  # no NaN, no infinity, no int beyond a float
     else:
         ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
     if not ok:

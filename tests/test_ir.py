@@ -398,6 +398,7 @@ HEADER_CASES = {
     "bits true": ("tensors[1].bits", True, "tensors[1].bits must be an integer, got true"),
     "signed a string": ("tensors[1].signed", "false", "tensors[1].signed must be true or false"),
     "scale a string": ("tensors[1].scale", "0.1", "tensors[1].scale must be a number"),
+    "scale beyond a float": ("tensors[1].scale", 10**400, "tensors[1].scale must be a number"),
     "zero point a float": ("tensors[0].zero_point", [124.5], "tensors[0].zero_point[0] must be an integer"),
     "tensors an object": ("tensors", {"image": 1}, "tensors must be a list"),
     "a tensor a number": ("tensors[0]", 7, "tensors[0] must be a JSON object"),
