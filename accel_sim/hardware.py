@@ -116,20 +116,23 @@ class Accelerator:
             _need_number(getattr(self.energy, f.name), f"energy.{f.name}", positive=False)
 
     def _validate_stationary_tile(self) -> None:
-        """The operand a stationary dataflow holds in the array is loaded from its buffer one
-        tile at a time, so that buffer must hold at least one rows x cols tile of it."""
+        """Each dataflow holds one operand in the array, a rows x cols tile of it, which
+        moves between the array and that operand's buffer one tile at a time: `os` drains
+        a tile of outputs into the output buffer, `ws` loads a tile of weights, `is` a tile
+        of activations. That buffer must hold one tile, at the hardware's operand width or,
+        left unset, the narrowest width the IR allows."""
         held = {
-            "ws": ("weight_buffer_bytes", self.weight_bits or MIN_WEIGHT_BITS),
-            "is": ("input_buffer_bytes", self.act_bits or MIN_ACT_BITS),
+            "os": ("output_buffer_bytes", "outputs", self.act_bits or MIN_ACT_BITS),
+            "ws": ("weight_buffer_bytes", "weights", self.weight_bits or MIN_WEIGHT_BITS),
+            "is": ("input_buffer_bytes", "activations", self.act_bits or MIN_ACT_BITS),
         }
-        if self.dataflow not in held:
-            return
-        attr, bits = held[self.dataflow]
+        attr, operand, bits = held[self.dataflow]
         need = math.ceil(self.pes * bits / 8)
         if getattr(self, attr) < need:
             raise IRError(
                 f"{toml_key(attr)} = {getattr(self, attr)} is smaller than one {self.rows}x{self.cols} "
-                f"tile of the {self.dataflow} dataflow's stationary operand ({need} bytes)"
+                f"tile of the {self.dataflow} dataflow's stationary {operand} "
+                f"({need} bytes at {bits} bits)"
             )
 
 

@@ -13,8 +13,11 @@ import hashlib
 import io
 import json
 import os
+import struct
+import sys
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -33,6 +36,12 @@ MAX_OUTPUT_BITS = 32
 MAX_MULT_BITS = 20
 MAX_SHIFT = 48
 MAX_OFFSET = 2**60
+# Every requantization sum's worst case stays below this (docs/datapath.md, Requantization).
+# Folding acc0 and the zero points into per-channel constants, as accel_sim does, at most
+# triples a term, and 3 * 2**61 < 2**63: every such rearrangement fits in int64.
+REQUANT_BOUND_BITS = 61
+REQUANT_BOUND = 1 << REQUANT_BOUND_BITS
+REQUANT_BOUND_TEXT = f"2**{REQUANT_BOUND_BITS}"
 
 
 class IRError(ValueError):
@@ -267,6 +276,7 @@ def _validate_op(program: Program, op: Op, defined: set[str]) -> None:
     else:
         raise IRError(f"{where}: unknown op kind {type(op).__name__}")
     _validate_requant(program, op.requant, y.channels, y.shape, defined, where)
+    _validate_requant_bound(program, op, where)
 
 
 def _validate_conv(program: Program, op: Conv2d, x: TensorSpec, y: TensorSpec, where: str) -> None:
@@ -290,8 +300,9 @@ def _validate_conv(program: Program, op: Conv2d, x: TensorSpec, y: TensorSpec, w
     )
     _need(op.bias.shape == (y.channels,), where, f"bias must have {y.channels} entries")
     _need(bool(np.all(np.abs(op.bias) < MAX_OFFSET)), where, "bias magnitude too large")
-    hw = output_hw(x.shape[1], op.kernel, op.stride, op.padding)
-    _need(y.shape[1:] == (hw, hw), where, f"output spatial size must be {hw}x{hw}")
+    _need(op.kernel >= 1, where, "kernel size must be >= 1")
+    h, w_out = (output_hw(size, op.kernel, op.stride, op.padding) for size in x.shape[1:])
+    _need(y.shape[1:] == (h, w_out), where, f"output spatial size must be {h}x{w_out}")
 
 
 def _validate_requant(
@@ -317,8 +328,8 @@ def _validate_requant(
     lo, hi = res.channel_pad
     _need(res.stride >= 1 and lo >= 0 and hi >= 0, where, "bad residual stride or channel padding")
     _need(r.channels + lo + hi == channels, where, "residual channels do not match the output")
-    rhw = (r.shape[1] - 1) // res.stride + 1
-    _need((rhw, rhw) == out_shape[1:], where, "residual spatial size does not match the output")
+    subsampled = tuple((size - 1) // res.stride + 1 for size in r.shape[1:])
+    _need(subsampled == out_shape[1:], where, "residual spatial size does not match the output")
     _need(res.mult.shape == (channels,), where, f"residual mult must have {channels} entries")
     _need(bool(np.all(np.abs(res.mult) < mlim)), where, f"residual mult exceeds {program.mult_bits} bits")
     _need(res.shift.shape == (channels,), where, f"residual shift must have {channels} entries")
@@ -326,6 +337,59 @@ def _validate_requant(
         bool(np.all((res.shift >= 0) & (res.shift <= MAX_SHIFT))),
         where,
         f"residual shift outside [0, {MAX_SHIFT}]",
+    )
+
+
+def max_deviation(spec: TensorSpec) -> list[int]:
+    """Per channel, the largest |q - zero_point| over the tensor's range."""
+    return [max(spec.qmax - z, z - spec.qmin) for z in spec.zero_points().tolist()]
+
+
+def accumulator_magnitude(program: Program, op: Op) -> list[int]:
+    """Per output channel, a bound on |acc| as the requantization stage receives it.
+
+    A conv's acc is an accumulator value, and the bound is taken at the widest accumulator
+    the IR allows, so that re-targeting the program (`with_accumulator`) cannot break it; a
+    pool's acc is the exact sum of H*W values of (q - zp).
+    """
+    if isinstance(op, Conv2d):
+        return [1 << (MAX_ACC_BITS - 1)] * op.out_channels
+    x = program.tensors[op.input]
+    return [x.shape[1] * x.shape[2] * d for d in max_deviation(x)]
+
+
+def requant_worst_case(program: Program, op: Op) -> list[int]:
+    """Per output channel, the worst case of |acc*mult| + |r*(res_mult << res_shift)| +
+    |offset| + 2**(shift-1) + |zp_out << shift|, in Python integers: a bound on the
+    requantization sum and on every partial sum of it, in any order (docs/datapath.md)."""
+    rq, out = op.requant, program.tensors[op.output]
+    residual = [0] * out.channels
+    if rq.residual is not None:
+        res = rq.residual
+        first = res.channel_pad[0]
+        for c, deviation in enumerate(max_deviation(program.tensors[res.input])):
+            residual[first + c] = deviation * (abs(int(res.mult[first + c])) << int(res.shift[first + c]))
+    acc = accumulator_magnitude(program, op)
+    shifts = rq.shift.tolist()
+    return [
+        acc[o] * abs(int(rq.mult[o]))
+        + residual[o]
+        + abs(int(rq.offset[o]))
+        + ((1 << shifts[o]) >> 1)
+        + (abs(zp) << shifts[o])
+        for o, zp in enumerate(out.zero_points().tolist())
+    ]
+
+
+def _validate_requant_bound(program: Program, op: Op, where: str) -> None:
+    worst = requant_worst_case(program, op)
+    channel = max(range(len(worst)), key=worst.__getitem__)
+    _need(
+        worst[channel] < REQUANT_BOUND,
+        where,
+        f"requantization sum can reach {worst[channel]} on output channel {channel}, not below the "
+        f"requantization bound {REQUANT_BOUND_TEXT} of docs/datapath.md (|acc*mult| + "
+        "|r*(res_mult << res_shift)| + |offset| + rounding + |zp_out << shift|)",
     )
 
 
@@ -390,20 +454,78 @@ def _array(arrays: dict[str, np.ndarray], key: str) -> np.ndarray:
         raise IRError(f"array {key!r} is missing")
     arr = arrays[key]
     if arr.dtype.kind not in "iu":
-        raise IRError(f"array {key!r} is not integer")
+        raise IRError(f"array {key!r} has dtype {arr.dtype}, not an integer type")
+    if arr.dtype == np.uint64 and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
+        raise IRError(f"array {key!r} holds values beyond the int64 range")
     return arr.astype(np.int64)
 
 
-def _requant_from_json(d: dict, prefix: str, arrays: dict[str, np.ndarray]) -> Requant:
-    res = d.get("residual")
+_JSON_KINDS = {
+    int: "an integer",
+    str: "a string",
+    bool: "true or false",
+    float: "a number",
+    list: "a list",
+    dict: "a JSON object",
+}
+
+
+def _checked(value: Any, path: str, kind: type) -> Any:
+    """`value` if it has JSON type `kind` (bool is not an integer; a number may be an int)."""
+    if kind is float:
+        ok = isinstance(value, float) or (isinstance(value, int) and not isinstance(value, bool))
+        ok = ok and abs(value) <= sys.float_info.max  # no NaN, no infinity, no int beyond a float
+    else:
+        ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+    if not ok:
+        shown = json.dumps(value)
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        raise IRError(f"IR header: {path} must be {_JSON_KINDS[kind]}, got {shown}")
+    return float(value) if kind is float else value
+
+
+def _get(obj: dict, key: str, path: str, kind: type) -> Any:
+    """obj[key] of JSON type `kind`; `path` names the field in the header (for the message)."""
+    if key not in obj:
+        raise IRError(f"IR header: {path} is missing")
+    return _checked(obj[key], path, kind)
+
+
+def _int_list(obj: dict, key: str, path: str, length: int | None = None) -> tuple[int, ...]:
+    values = _get(obj, key, path, list)
+    if length is not None and len(values) != length:
+        raise IRError(f"IR header: {path} must have {length} entries, not {len(values)}")
+    return tuple(_checked(v, f"{path}[{i}]", int) for i, v in enumerate(values))
+
+
+def _objects(obj: dict, key: str) -> list[tuple[str, dict]]:
+    """The JSON objects of list obj[key], each with its path."""
+    items = _get(obj, key, key, list)
+    return [(f"{key}[{i}]", _checked(d, f"{key}[{i}]", dict)) for i, d in enumerate(items)]
+
+
+def _tensor_from_json(t: dict, path: str) -> TensorSpec:
+    return TensorSpec(
+        name=_get(t, "name", f"{path}.name", str),
+        shape=_int_list(t, "shape", f"{path}.shape"),
+        bits=_get(t, "bits", f"{path}.bits", int),
+        signed=_get(t, "signed", f"{path}.signed", bool),
+        zero_point=_int_list(t, "zero_point", f"{path}.zero_point"),
+        scale=_get(t, "scale", f"{path}.scale", float),
+    )
+
+
+def _requant_from_json(d: dict, path: str, prefix: str, arrays: dict[str, np.ndarray]) -> Requant:
     residual = None
-    if res is not None:
+    if d.get("residual") is not None:
+        res = _get(d, "residual", f"{path}.residual", dict)
+        where = f"{path}.residual"
         residual = Residual(
-            input=str(res["input"]),
+            input=_get(res, "input", f"{where}.input", str),
             mult=_array(arrays, f"{prefix}.residual_mult"),
             shift=_array(arrays, f"{prefix}.residual_shift"),
-            stride=int(res["stride"]),
-            channel_pad=(int(res["channel_pad"][0]), int(res["channel_pad"][1])),
+            stride=_get(res, "stride", f"{where}.stride", int),
+            channel_pad=_int_list(res, "channel_pad", f"{where}.channel_pad", length=2),
         )
     return Requant(
         mult=_array(arrays, f"{prefix}.mult"),
@@ -413,60 +535,60 @@ def _requant_from_json(d: dict, prefix: str, arrays: dict[str, np.ndarray]) -> R
     )
 
 
-def _op_from_json(d: dict, arrays: dict[str, np.ndarray]) -> Op:
-    name = str(d["name"])
+def _op_from_json(d: dict, path: str, arrays: dict[str, np.ndarray]) -> Op:
+    name = _get(d, "name", f"{path}.name", str)
+    kind = _get(d, "kind", f"{path}.kind", str)
+    requant = _get(d, "requant", f"{path}.requant", dict)
     common = dict(
         name=name,
-        input=str(d["input"]),
-        output=str(d["output"]),
-        requant=_requant_from_json(d["requant"], name, arrays),
+        input=_get(d, "input", f"{path}.input", str),
+        output=_get(d, "output", f"{path}.output", str),
+        requant=_requant_from_json(requant, f"{path}.requant", name, arrays),
     )
-    if d["kind"] == "conv2d":
+    if kind == "conv2d":
         return Conv2d(
             weight=_array(arrays, f"{name}.weight"),
-            weight_bits=int(d["weight_bits"]),
+            weight_bits=_get(d, "weight_bits", f"{path}.weight_bits", int),
             bias=_array(arrays, f"{name}.bias"),
-            stride=int(d["stride"]),
-            padding=int(d["padding"]),
+            stride=_get(d, "stride", f"{path}.stride", int),
+            padding=_get(d, "padding", f"{path}.padding", int),
             **common,
         )
-    if d["kind"] == "avgpool":
+    if kind == "avgpool":
         return GlobalAvgPool(**common)
-    raise IRError(f"op {name!r} has unknown kind {d['kind']!r}")
+    raise IRError(f"IR header: {path}.kind {kind!r} of op {name!r} is not one of ('conv2d', 'avgpool')")
 
 
-def program_from_dict(header: dict, arrays: dict[str, np.ndarray]) -> Program:
+def program_from_dict(header: Any, arrays: dict[str, np.ndarray]) -> Program:
+    """The program a parsed header and its arrays describe; a field of the wrong type, a
+    missing array or a broken rule is an IRError naming it."""
+    if not isinstance(header, dict):
+        raise IRError(f"IR header must be a JSON object, not a JSON {type(header).__name__}")
     if header.get("format") != IR_FORMAT:
         raise IRError(f"not an {IR_FORMAT} file (format field is {header.get('format')!r})")
-    if header.get("version") != IR_VERSION:
-        raise IRError(f"IR version {header.get('version')!r} is not supported (expected {IR_VERSION})")
-    try:
-        tensors = {
-            t["name"]: TensorSpec(
-                name=str(t["name"]),
-                shape=tuple(int(s) for s in t["shape"]),
-                bits=int(t["bits"]),
-                signed=bool(t["signed"]),
-                zero_point=tuple(int(z) for z in t["zero_point"]),
-                scale=float(t["scale"]),
-            )
-            for t in header["tensors"]
-        }
-        program = Program(
-            tensors=tensors,
-            ops=[_op_from_json(d, arrays) for d in header["ops"]],
-            input=str(header["input"]),
-            output=str(header["output"]),
-            accumulator=Accumulator(
-                bits=int(header["accumulator"]["bits"]),
-                overflow=header["accumulator"]["overflow"],
-            ),
-            mult_bits=int(header["mult_bits"]),
-            rounding=str(header["rounding"]),
-            meta=dict(header.get("meta", {})),
-        )
-    except (KeyError, TypeError, IndexError) as exc:
-        raise IRError(f"malformed IR header: missing or bad field {exc}") from None
+    version = header.get("version")
+    if isinstance(version, bool) or version != IR_VERSION:
+        raise IRError(f"IR version {version!r} is not supported (expected {IR_VERSION})")
+    tensors: dict[str, TensorSpec] = {}
+    for path, t in _objects(header, "tensors"):
+        spec = _tensor_from_json(t, path)
+        if spec.name in tensors:
+            raise IRError(f"tensor {spec.name!r} is declared twice")
+        tensors[spec.name] = spec
+    accumulator = _get(header, "accumulator", "accumulator", dict)
+    program = Program(
+        tensors=tensors,
+        ops=[_op_from_json(d, path, arrays) for path, d in _objects(header, "ops")],
+        input=_get(header, "input", "input", str),
+        output=_get(header, "output", "output", str),
+        accumulator=Accumulator(
+            bits=_get(accumulator, "bits", "accumulator.bits", int),
+            overflow=_get(accumulator, "overflow", "accumulator.overflow", str),
+        ),
+        mult_bits=_get(header, "mult_bits", "mult_bits", int),
+        rounding=_get(header, "rounding", "rounding", str),
+        meta=dict(_get(header, "meta", "meta", dict)) if "meta" in header else {},
+    )
     program.validate()
     return program
 
@@ -511,44 +633,95 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def _encode(program: Program) -> tuple[bytes, dict[str, bytes], str]:
-    """The file's header bytes, array blobs and their digest (one canonical encoding)."""
+    """The file's header bytes, array blobs and their checksum (one canonical encoding)."""
     header, arrays = program_to_dict(program)
     blobs = {f"{k}.npy": _npy_bytes(_compact(v)) for k, v in arrays.items()}
     header_bytes = json.dumps(header, sort_keys=True, indent=1).encode()
     return header_bytes, blobs, _digest(header_bytes, blobs)
 
 
+# The zip format's own epoch: no clock time in the file, so equal programs give equal bytes.
+ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)
+
+
+def _zip_member(name: str) -> zipfile.ZipInfo:
+    """A member whose every header field is fixed. Stored, not deflated: the bytes then
+    depend on nothing but the program (deflate output differs between zlib builds)."""
+    info = zipfile.ZipInfo(name, date_time=ZIP_DATE_TIME)
+    info.compress_type = zipfile.ZIP_STORED
+    info.create_system = 3
+    info.external_attr = 0o644 << 16
+    return info
+
+
+def program_bytes(program: Program) -> bytes:
+    """The program's IR file, byte for byte: the same program always gives the same bytes."""
+    header_bytes, blobs, checksum = _encode(program)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr(_zip_member("program.json"), header_bytes)
+        for key in sorted(blobs):
+            zf.writestr(_zip_member(f"arrays/{key}"), blobs[key])
+        zf.writestr(_zip_member("sha256"), checksum)
+    return buf.getvalue()
+
+
 def program_digest(program: Program) -> str:
-    """SHA-256 that identifies the program's content: the digest its IR file stores."""
-    return _encode(program)[2]
+    """The SHA-256 of the program's IR file: what `sha256sum` prints for any file
+    save_program writes for it, and the `ir_sha256` of every report."""
+    return hashlib.sha256(program_bytes(program)).hexdigest()
 
 
 def save_program(program: Program, path: str | os.PathLike) -> str:
-    """Validate and write `program` atomically; returns the content digest."""
+    """Validate and write `program` atomically; returns the file's SHA-256 (program_digest)."""
     program.validate()
-    header_bytes, blobs, digest = _encode(program)
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        zf.writestr("program.json", header_bytes)
-        for key, blob in blobs.items():
-            zf.writestr(f"arrays/{key}", blob)
-        zf.writestr("sha256", digest)
-    atomic_write_bytes(Path(path), buf.getvalue())
-    return digest
+    data = program_bytes(program)
+    atomic_write_bytes(Path(path), data)
+    return hashlib.sha256(data).hexdigest()
+
+
+# What reading a damaged archive can raise: bad structures and CRCs, a flipped compression
+# method or encryption flag, a size field pointing past the end, a name that is not UTF-8.
+_ARCHIVE_ERRORS = (
+    zipfile.BadZipFile,
+    zipfile.LargeZipFile,
+    zlib.error,
+    struct.error,
+    NotImplementedError,
+    RuntimeError,
+    EOFError,
+    OSError,
+    ValueError,
+    KeyError,
+    OverflowError,
+    MemoryError,
+)
+_CONTENT_ERRORS = (ValueError, OSError, EOFError, RecursionError, MemoryError)
+
+
+def _reason(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _read_archive(path: Path) -> tuple[bytes, str, dict[str, bytes]]:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            header_bytes = zf.read("program.json")
+            stored = zf.read("sha256").decode("ascii").strip()
+            blobs = {n.removeprefix("arrays/"): zf.read(n) for n in zf.namelist() if n.startswith("arrays/")}
+    except _ARCHIVE_ERRORS as exc:
+        raise IRError(f"{path} is not a readable IR file ({_reason(exc)})") from None
+    return header_bytes, stored, blobs
 
 
 def load_program(path: str | os.PathLike) -> Program:
     """Read and validate an IR file; any damage or inconsistency raises IRError."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise IRError(f"IR file {path} does not exist")
-    try:
-        with zipfile.ZipFile(path) as zf:
-            header_bytes = zf.read("program.json")
-            stored = zf.read("sha256").decode().strip()
-            blobs = {n.removeprefix("arrays/"): zf.read(n) for n in zf.namelist() if n.startswith("arrays/")}
-    except (zipfile.BadZipFile, KeyError, OSError, EOFError) as exc:
-        raise IRError(f"{path} is not a readable IR file ({exc})") from None
+    if not path.is_file():
+        raise IRError(f"IR file {path} is not a file")
+    header_bytes, stored, blobs = _read_archive(path)
     if _digest(header_bytes, blobs) != stored:
         raise IRError(f"{path} fails its checksum: the file was modified or corrupted")
     try:
@@ -556,6 +729,6 @@ def load_program(path: str | os.PathLike) -> Program:
         arrays = {
             k.removesuffix(".npy"): np.load(io.BytesIO(v), allow_pickle=False) for k, v in blobs.items()
         }
-    except (ValueError, OSError) as exc:
-        raise IRError(f"{path} has unreadable content ({exc})") from None
+    except _CONTENT_ERRORS as exc:
+        raise IRError(f"{path} has unreadable content ({_reason(exc)})") from None
     return program_from_dict(header, arrays)

@@ -11,6 +11,12 @@ whole program, best of --repeats). GlobalAvgPool has no MACs and SCALE-Sim no su
 
     python bench/scalesim_compare.py --checkpoint ../shared/models/resnet20-12fca82f.th \
         --data ../shared/data/cifar10-subset --wbits 4 --abits 8 [--array 16x16] [--dataflow os]
+
+`--test-layers` instead runs the three small conv layers of tests/test_timing.py
+(TEST_LAYERS) on a 4x4 array, os and ws, and prints the six cycle counts SCALE-Sim reports
+that the test holds accel_sim to:
+
+    python bench/scalesim_compare.py --test-layers
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from pathlib import Path
 
 from accel_sim.hardware import Accelerator
 from accel_sim.ir import Program
-from accel_sim.timing import program_timing
+from accel_sim.timing import Gemm, gemm_compute_cycles, program_timing
 from hwq.flags import add_model_flags, program_from_args
 
 VENV = Path(__file__).resolve().parent / ".scalesim-venv"
@@ -95,11 +101,22 @@ def scalesim_python() -> Path:
     return python
 
 
+TOPOLOGY_HEADER = (
+    "Layer name,IFMAP Height,IFMAP Width,Filter Height,Filter Width,Channels,Num Filter,Strides,"
+)
+
+# The layers of tests/test_timing.py::test_layer_cycles_agree_with_scalesim, as
+# (name, input height = width, kernel, channels, filters), stride 1, no padding: GEMMs
+# M x N x K of 16 x 4 x 9, 16 x 10 x 18 and 36 x 7 x 18, on a 4x4 array, os and ws.
+TEST_LAYERS = (("a", 6, 3, 1, 4), ("b", 6, 3, 2, 10), ("c", 8, 3, 2, 7))
+TEST_ARRAY = (4, 4)
+
+
 def topology_csv(program: Program) -> str:
     """SCALE-Sim's conv topology. SCALE-Sim has no padding and rounds the output size up
     (a partial window at the edge counts), so each layer's input is given as the extent
     its windows actually read, (H_out - 1) * stride + k, which has the same output size."""
-    rows = ["Layer name,IFMAP Height,IFMAP Width,Filter Height,Filter Width,Channels,Num Filter,Strides,"]
+    rows = [TOPOLOGY_HEADER]
     for op in program.conv_ops():
         channels = program.tensors[op.input].channels
         _, h_out, w_out = program.tensors[op.output].shape
@@ -108,12 +125,17 @@ def topology_csv(program: Program) -> str:
     return "\n".join(rows) + "\n"
 
 
-def run_scalesim(program: Program, rows: int, cols: int, dataflow: str) -> tuple[list[int], float]:
+def quoted_layers_csv() -> str:
+    rows = [TOPOLOGY_HEADER] + [f"{n},{h},{h},{k},{k},{c},{f},1," for n, h, k, c, f in TEST_LAYERS]
+    return "\n".join(rows) + "\n"
+
+
+def run_scalesim(topology: str, rows: int, cols: int, dataflow: str) -> tuple[list[int], float]:
     """Per-layer compute cycles (total minus stalls) and the seconds SCALE-Sim took."""
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         (work / "hw.cfg").write_text(CONFIG.format(rows=rows, cols=cols, dataflow=dataflow))
-        (work / "topology.csv").write_text(topology_csv(program))
+        (work / "topology.csv").write_text(topology)
         done = subprocess.run(
             [scalesim_python(), "-c", DRIVER, work / "hw.cfg", work / "topology.csv", work / "out"],
             check=True,
@@ -153,7 +175,7 @@ def compare(program: Program, rows: int, cols: int, dataflow: str, repeats: int)
     """Print one table; returns the largest relative difference."""
     accelerator = unconstrained(rows, cols, dataflow)
     ours = {layer.name: layer for layer in program_timing(program, accelerator).layers}
-    theirs, scalesim_s = run_scalesim(program, rows, cols, dataflow)
+    theirs, scalesim_s = run_scalesim(topology_csv(program), rows, cols, dataflow)
     accel_s = time_accel_sim(program, accelerator, repeats)
     print(f"\n{rows}x{cols} {dataflow}")
     print(f"  {'layer':<16} {'M x N x K':>14} {'SCALE-Sim':>10} {'accel_sim':>10} {'diff':>9}")
@@ -177,6 +199,18 @@ def compare(program: Program, rows: int, cols: int, dataflow: str, repeats: int)
     return worst
 
 
+def compare_test_layers() -> None:
+    """The six counts of tests/test_timing.py: SCALE-Sim's report, one below accel_sim's."""
+    rows, cols = TEST_ARRAY
+    print(f"{rows}x{cols} array: dataflow, layer, M x N x K, SCALE-Sim reported, accel_sim")
+    for dataflow in ("os", "ws"):
+        theirs, _ = run_scalesim(quoted_layers_csv(), rows, cols, dataflow)
+        for (name, h, k, c, f), reported in zip(TEST_LAYERS, theirs, strict=True):
+            gemm = Gemm(m=(h - k + 1) ** 2, n=f, k=c * k * k)
+            ours = gemm_compute_cycles(gemm, rows, cols, dataflow)
+            print(f"  {dataflow} {name} {gemm.m}x{gemm.n}x{gemm.k}: {reported} {ours}")
+
+
 def array_shape(text: str) -> tuple[int, int]:
     rows, _, cols = text.partition("x")
     try:
@@ -194,7 +228,13 @@ def main() -> None:
     parser.add_argument("--array", type=array_shape, action="append", help="ROWSxCOLS, repeatable (16x16)")
     parser.add_argument("--dataflow", choices=("os", "ws", "is"), action="append", help="repeatable (os, ws)")
     parser.add_argument("--repeats", type=int, default=20, help="timings of accel_sim; the best is kept")
+    parser.add_argument(
+        "--test-layers", action="store_true", help="only the six layer runs tests/test_timing.py quotes"
+    )
     args = parser.parse_args()
+    if args.test_layers:
+        compare_test_layers()
+        return
     program = program_from_args(args)
     worst = max(
         compare(program, rows, cols, dataflow, args.repeats)

@@ -10,6 +10,11 @@ are what FunctionalSim records for it while running the whole program, and the e
 accumulators come from a one-op program holding the same convolution with an identity
 requantization (mult 1, shift 0, offset 0, 32-bit signed output). Both are computed,
 vectorized, before the simulation; the RTL's recording is compared after it.
+
+The operands are the compiler's job (docs/datapath.md, Conv2d): the im2col rows with the
+zero-point padding, each channel's starting value ovf(acc0) and the residual operand are
+computed here from the IR with this module's own code, not with accel_sim's, and
+tests/test_rtl.py holds them to the int64 reference tests/reference_datapath.py.
 """
 
 from __future__ import annotations
@@ -21,9 +26,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from accel_sim.functional import FunctionalSim, accumulator_bound, pad_with_zero_point, wrap_to
+from accel_sim.functional import FunctionalSim
 from accel_sim.ir import Accumulator, Conv2d, Program, Requant, TensorSpec
 from accel_sim.timing import tile_compute_cycles
 from hwq import HwqError
@@ -161,26 +165,39 @@ class LayerReport:
 # Operands and expected values from accel_sim
 
 
-def initial_accumulator(acc0: np.ndarray, accumulator: Accumulator) -> np.ndarray:
-    """ovf(acc0): the value the datapath starts each sum from (docs/datapath.md, step 3)."""
+def ovf(values: np.ndarray, accumulator: Accumulator) -> np.ndarray:
+    """docs/datapath.md's ovf: two's-complement wrap-around or saturation to the accumulator."""
+    v = np.asarray(values, dtype=np.int64)
     if accumulator.overflow == "wrap":
-        return wrap_to(torch.as_tensor(acc0, dtype=torch.int64), accumulator).numpy()
-    return np.clip(acc0, accumulator.lo, accumulator.hi)
+        return (v - accumulator.lo) % (1 << accumulator.bits) + accumulator.lo
+    return np.clip(v, accumulator.lo, accumulator.hi)
 
 
-def im2col(x: torch.Tensor, op: Conv2d, spec: TensorSpec) -> np.ndarray:
-    """(images * H_out * W_out, C*k*k) operand rows, padded with the zero point, unfold order."""
-    padded = pad_with_zero_point(x, torch.as_tensor(spec.zero_points()), op.padding)
-    cols = F.unfold(padded.to(torch.float64), op.kernel, stride=op.stride)
-    return cols.to(torch.int64).transpose(1, 2).reshape(-1, op.reduction).numpy()
+def initial_accumulator(op: Conv2d, x: TensorSpec, accumulator: Accumulator) -> np.ndarray:
+    """ovf(acc0), acc0 = bias - sum of weight * input zero point: each output channel's
+    starting value, which the compiler computes and the tile takes on `acc_init`."""
+    acc0 = op.bias - op.weight.sum(axis=(2, 3)) @ x.zero_points()
+    return ovf(acc0, accumulator)
 
 
-def channels_last(t: torch.Tensor) -> np.ndarray:
+def im2col(x: np.ndarray, op: Conv2d, spec: TensorSpec) -> np.ndarray:
+    """(images * H_out * W_out, C*k*k) operand rows, t in accumulation order (c, i, j), the
+    border padded with each channel's zero point: what the input buffer feeds the array."""
+    n, c, h, w = x.shape
+    p, k, s = op.padding, op.kernel, op.stride
+    padded = np.empty((n, c, h + 2 * p, w + 2 * p), dtype=np.int64)
+    padded[:] = spec.zero_points().reshape(1, c, 1, 1)
+    padded[:, :, p : p + h, p : p + w] = x
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (k, k), axis=(2, 3))[:, :, ::s, ::s]
+    return windows.transpose(0, 2, 3, 1, 4, 5).reshape(-1, c * k * k)
+
+
+def channels_last(t: np.ndarray) -> np.ndarray:
     """(images, C, H, W) -> (images * H * W, C): GEMM rows are output pixels."""
-    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1]).numpy()
+    return np.asarray(t).transpose(0, 2, 3, 1).reshape(-1, t.shape[1])
 
 
-def residual_operand(program: Program, op: Conv2d, activations: dict[str, torch.Tensor]) -> np.ndarray:
+def residual_operand(program: Program, op: Conv2d, activations: dict[str, np.ndarray]) -> np.ndarray:
     """R - zp_R at every output, subsampled and channel-padded (option A); zeros without one."""
     y = program.tensors[op.output]
     images = activations[op.input].shape[0]
@@ -188,9 +205,8 @@ def residual_operand(program: Program, op: Conv2d, activations: dict[str, torch.
     if res is None:
         return np.zeros((images * y.shape[1] * y.shape[2], y.channels), dtype=np.int64)
     spec = program.tensors[res.input]
-    r = activations[res.input][:, :, :: res.stride, :: res.stride]
-    r = r - torch.as_tensor(spec.zero_points()).view(1, -1, 1, 1)
-    return channels_last(F.pad(r, (0, 0, 0, 0, *res.channel_pad)))
+    r = activations[res.input][:, :, :: res.stride, :: res.stride] - spec.zero_points().reshape(1, -1, 1, 1)
+    return channels_last(np.pad(r, ((0, 0), res.channel_pad, (0, 0), (0, 0))))
 
 
 def identity_program(program: Program, op: Conv2d) -> Program:
@@ -218,26 +234,30 @@ def raw_accumulators(program: Program, op: Conv2d, x: torch.Tensor) -> np.ndarra
 
 
 def layer_gemm(program: Program, op: Conv2d, activations: dict[str, torch.Tensor]) -> Gemm:
-    """The GEMM of conv `op`, from the tensors a FunctionalSim run of `program` recorded."""
+    """The GEMM of conv `op`, from the tensors a FunctionalSim run of `program` recorded.
+
+    The operands (im2col rows with zero-point padding, acc_init, the residual operand) are
+    the compiler's work and computed here from the IR; only the expected values come from
+    accel_sim."""
     x_spec, y_spec = program.tensors[op.input], program.tensors[op.output]
+    ints = {name: t.numpy() for name, t in activations.items()}
     x, rq, res = activations[op.input], op.requant, op.requant.residual
     none = np.zeros_like(rq.mult)
     res_mult, res_shift = (none, none) if res is None else (res.mult, res.shift)
     res_spec = x_spec if res is None else program.tensors[res.input]
-    acc0 = accumulator_bound(op.weight, op.bias, x_spec).init
     return Gemm(
         name=op.name,
-        acts=im2col(x, op, x_spec),
+        acts=im2col(ints[op.input], op, x_spec),
         weights=op.weight.reshape(op.out_channels, -1).astype(np.int64),
-        acc_init=initial_accumulator(acc0, program.accumulator),
+        acc_init=initial_accumulator(op, x_spec, program.accumulator),
         mult=rq.mult,
         res_mult=res_mult,
         res_shift=res_shift,
         shift=rq.shift,
         offset=rq.offset,
         zero_point=y_spec.zero_points(),
-        residual=residual_operand(program, op, activations),
-        expected_y=channels_last(activations[op.output]),
+        residual=residual_operand(program, op, ints),
+        expected_y=channels_last(ints[op.output]),
         expected_acc=raw_accumulators(program, op, x),
         out_shape=(x.shape[0], *y_spec.shape),
         act=x_spec,

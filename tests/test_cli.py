@@ -5,8 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
+from accel_sim.functional import FunctionalSim
+from accel_sim.ir import load_program
 from hwq.cli import main
+from hwq.data import load_split
+from hwq.quant.evaluate import prepare
+from hwq.quant.model import QuantConfig
 
 from .helpers import write_checkpoint, write_cifar_batches
 
@@ -46,12 +52,25 @@ def test_eval_all_modes_writes_json_and_ir_reproduces_it(workspace):
         == 0
     )
     report = json.loads(out.read_text())
-    for mode in ("float", "brevitas", "accel_sim"):
-        assert report[mode]["n"] == 20
-        assert report[mode]["accuracy"] == report[mode]["correct"] / 20
+    # The three models' predictions on the same 20 val images, made here without the eval
+    # command: the float and Brevitas models as prepared for these flags, the saved IR on
+    # accel_sim (held to the int64 reference by tests/test_bit_exact.py).
+    ds = load_split(data, "val").head(20)
+    prepared = prepare(checkpoint, QuantConfig(4, 8), data, calibration_images=32)
+    with torch.no_grad():
+        predictions = {
+            "float": prepared.float_model(ds.images).argmax(1),
+            "brevitas": prepared.qmodel(ds.images).argmax(1),
+            "accel_sim": FunctionalSim(load_program(ir)).run(ds.images).logits.argmax(1),
+        }
+    for mode, predicted in predictions.items():
+        correct = int((predicted == ds.labels).sum())
+        assert (report[mode]["n"], report[mode]["correct"]) == (20, correct), mode
+        assert report[mode]["accuracy"] == pytest.approx(correct / 20)
+    agreement = float((predictions["brevitas"] == predictions["accel_sim"]).float().mean())
+    assert report["agreement"]["top1_brevitas_vs_accel_sim"] == pytest.approx(agreement)
     layers = report["accel_sim"]["overflows"]
     assert len(layers) == 21 and all(v == 0 for v in layers.values())
-    assert 0 <= report["agreement"]["top1_brevitas_vs_accel_sim"] <= 1
     again = root / "again.json"
     assert run_eval("--ir", str(ir), *common, "--json", str(again)) == 0
     replay = json.loads(again.read_text())

@@ -26,6 +26,7 @@ from hwq.cli import main
 from hwq.quant.model import QuantConfig
 from rtl_models import area, cosim, cycles, sim
 
+from . import reference_datapath as reference
 from .helpers import calibration_images, program_for, write_cifar_batches
 
 BUILD_ROOT = Path(__file__).resolve().parents[1] / "sim_build"
@@ -89,7 +90,11 @@ def extreme_gemm(case: ExtremeCase, m: int, n: int, k: int, seed: int = 0) -> co
         shift=rng.choice([0, 1, 13, 31, 48], n),
         offset=rng.choice([0, 1 << 59, -(1 << 59), 777], n),
     )
-    out = replace(out, zero_point=tuple(int(z) for z in rng.choice([out.qmin, 0, out.qmax], n)))
+    zero_point = rng.choice([out.qmin, 0, out.qmax], n)
+    # zp_out << shift is part of the requantization bound (docs/datapath.md): a 32-bit output
+    # at its ends with a large shift would exceed it, so |zp| << shift is kept within 2**59.
+    zero_point = np.sign(zero_point) * np.minimum(np.abs(zero_point), (1 << 59) >> requant.shift)
+    out = replace(out, zero_point=tuple(int(z) for z in zero_point))
     return cosim.gemm_case(acts, weights, act, case.weight_bits, bias, requant, out, acc)
 
 
@@ -166,6 +171,30 @@ def test_real_resnet_tiles_match_accel_sim(rows, cols, accumulator, simulator):
     for report in reports:
         assert report.match, report.mismatch
         assert report.cycles_match, (report.name, report.rtl_tile_cycles, report.formula_tile_cycles)
+
+
+@pytest.mark.parametrize("layer", ["conv1", "layer2.0.conv1"])  # zero-point padding; stride 2
+@pytest.mark.parametrize(
+    "accumulator", [Accumulator(12, "saturate"), Accumulator(12, "wrap"), Accumulator(32, "wrap")], ids=str
+)
+def test_compiler_operands_reproduce_the_reference_accumulators(layer, accumulator):
+    """The compiler's share of the datapath (docs/datapath.md, Conv2d): acc_init = ovf(acc0)
+    and the im2col rows, zero-point padded, in accumulation order. Accumulated as the array
+    does (acc_init, then ovf after each product in order), they give the int64 reference's
+    accumulators on random inputs, with no accel_sim code involved."""
+    program = program_for(QuantConfig(4, 8)).with_accumulator(accumulator)
+    op, x_spec = program.op(layer), program.tensors[program.op(layer).input]
+    x = np.random.default_rng(3).integers(x_spec.qmin, x_spec.qmax + 1, (2, *x_spec.shape))
+    acts = cosim.im2col(x, op, x_spec)
+    weights = op.weight.reshape(op.out_channels, -1)
+    acc = np.tile(cosim.initial_accumulator(op, x_spec, accumulator), (len(acts), 1))
+    for t in range(acts.shape[1]):
+        acc = reference.overflow(acc + acts[:, t, None] * weights[None, :, t], accumulator)
+    want = reference.conv_accumulate(op, x, x_spec.zero_points(), accumulator)
+    np.testing.assert_array_equal(acc, cosim.channels_last(want))
+    if accumulator.bits == 12:
+        exact = reference.conv_accumulate(op, x, x_spec.zero_points(), Accumulator(40, "wrap"))
+        assert np.any(want != exact), "a 12-bit accumulator must overflow here"
 
 
 def test_first_mismatch_names_the_element_its_inputs_and_both_values():

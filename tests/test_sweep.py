@@ -3,13 +3,18 @@ killed midway resumes without redoing finished points, and training points work.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import shlex
+from pathlib import Path
 
 import pytest
 
 import hwq.studies.sweep as sweep_module
+from accel_sim.hardware import load_accelerator
 from accel_sim.ir import Accumulator, load_program, program_digest
+from accel_sim.timing import program_timing
 from hwq import HwqError
 from hwq.cli import main
 from hwq.search.cceda import EDAConfig
@@ -106,11 +111,12 @@ def test_rows_record_what_reruns_them_exactly(finished, tmp_path):
         )
         program = load_program(row["ir_file"]).with_accumulator(Accumulator(row["acc_bits"], row["overflow"]))
         assert program_digest(program) == row["ir_sha256"]
-        assert row["cycles"] == sum(layer["cycles"] for layer in row["layers"])
+        rows_, cols_ = (int(n) for n in row["array"].split("x"))
+        hw = dataclasses.replace(load_accelerator(sweep_module.DEFAULT_HW), rows=rows_, cols=cols_)
+        assert row["cycles"] == program_timing(program, hw).cycles  # the timing model on this array
         assert row["energy_per_inference_pj"] > 0 and row["area_cells"] is None
     narrow = next(r for r in rows if r["acc_bits"] == 12 and r["overflow"] == "wrap")
     assert narrow["overflows"] > 0 and narrow["worst_case_acc_bits"] > 12
-    assert narrow["overflows"] == sum(layer["overflows"] for layer in narrow["layers"])
     out = tmp_path / "rerun.json"
     argv = shlex.split(narrow["rerun"])
     assert argv[:2] == ["hwq", "eval"] and main([*argv[1:], "--json", str(out)]) == 0
@@ -175,7 +181,13 @@ def test_training_points_record_their_curve_and_report_it(workspace, tmp_path):
     assert trained["budget_evals"] == 8 and trained["evaluations"] >= 8 and trained["seed"] == 0
     assert trained["curve"] and all("best_fitness" in p for p in trained["curve"])
     assert any("val_accuracy" in p for p in trained["curve"])
-    assert 0 <= trained["accuracy"] <= 1 and trained["n"] == row["n"]
+    final_ir = Path(trained["run_dir"]) / "final.ir"
+    assert hashlib.sha256(final_ir.read_bytes()).hexdigest() == trained["ir_sha256"]  # `sha256sum final.ir`
+    replay, argv = tmp_path / "trained.json", shlex.split(row["rerun"])  # the point's own eval, on final.ir
+    argv[argv.index("--ir") + 1] = str(final_ir)
+    assert main([*argv[1:], "--json", str(replay)]) == 0
+    assert json.loads(replay.read_text())["accel_sim"]["correct"] == trained["correct"]
+    assert trained["n"] == row["n"] == 4
     report = build_report(cfg.results_path, tmp_path / "report")
     assert "training_curve" in report.figures and "training" in report.tables
 

@@ -291,8 +291,8 @@ def load_area(paths: Iterable[str]) -> list[dict]:
         try:
             with open(p, newline="") as f:
                 rows.extend(csv.DictReader(f))
-        except OSError as exc:
-            raise HwqError(f"cannot read area file {p} ({exc.strerror})") from None
+        except (OSError, UnicodeDecodeError, csv.Error) as exc:  # missing, binary, NUL bytes
+            raise HwqError(f"cannot read area file {p} ({getattr(exc, 'strerror', None) or exc})") from None
     need = {"flavour", "rows", "cols", "weight_bits", "act_bits", "acc_bits", "cells"}
     if rows and not need <= set(rows[0]):
         raise HwqError(f"area files must have the columns of rtl_models.area: {sorted(need)}")

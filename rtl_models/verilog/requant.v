@@ -5,7 +5,8 @@
 // `res` is the residual operand R - zp_R (zero for option-A padded channels); the rounding
 // term is (1 << shift) >> 1, which is 0 for shift = 0. V_BITS holds the widest product, the
 // offset and the rounding term with three bits to spare, and at least 64 bits: the IR keeps
-// |v| below 2**62, the shifted residual term included.
+// the worst case of |v|, the shifted residual term included, below its requantization bound
+// 2**61 (docs/datapath.md; accel_sim.ir.REQUANT_BOUND).
 // A TAG (the output row) travels alongside so that the caller knows which output leaves.
 // Registers load only on valid data: idle lanes hold their last value (no X, no toggling).
 module requant #(
