@@ -173,7 +173,7 @@ def test_run_directory_is_protected(workspace, uninterrupted):
         train(config(workspace, "full", 40))
     with pytest.raises(HwqError, match="differ from the run's: wbits"):
         train(TrainConfig(**{**config(workspace, "full", 40).__dict__, "wbits": 3}), resume=True)
-    with pytest.raises(HwqError, match="nothing to resume"):
+    with pytest.raises(HwqError, match="no run to resume in"):
         train(config(workspace, "never", 40), resume=True)
 
 
