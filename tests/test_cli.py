@@ -5,15 +5,19 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
+from accel_sim.ir import save_program
 from hwq.cli import main
+from hwq.quant.model import QuantConfig
 
-from .helpers import random_resnet, write_checkpoint, write_cifar_batches
+from .helpers import program_for, random_resnet, write_checkpoint, write_cifar_batches
 
 
 @pytest.fixture(scope="module")
@@ -270,3 +274,25 @@ def test_every_bad_input_is_one_line_and_leaves_nothing(case, workspace, nan_che
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert message in err and err.startswith(f"hwq {args[0]}: error: "), (message, err)
     assert sorted(tmp_path.rglob("*")) == before  # no output file, directory or lock left behind
+
+
+# ----- start-up: the torch-free commands import no torch
+
+TORCH_FREE = """
+import sys
+from hwq.cli import main
+status = main(sys.argv[1:])
+print(status, sorted({name.split(".")[0] for name in sys.modules} & {"torch", "brevitas", "torchvision"}))
+"""
+
+
+@pytest.mark.parametrize(
+    "command", ["--help", "sim --ir {ir} --hw {edge}", "sim --ir {ir} --hw {edge} --json {json}"]
+)
+def test_torch_free_commands_import_no_torch(command, tmp_path):
+    ir = tmp_path / "w4a8.ir"
+    save_program(program_for(QuantConfig(4, 8)), ir)
+    argv = shlex.split(command.format(ir=ir, edge=EDGE, json=tmp_path / "sim.json"))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", TORCH_FREE, *argv], capture_output=True, text=True, env=env)
+    assert done.stdout.splitlines()[-1] == "0 []", done.stdout + done.stderr

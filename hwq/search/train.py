@@ -178,21 +178,10 @@ class _Run:
         self.cfg = cfg = cfg.with_absolute_paths()
         self.dir = Path(cfg.out)
         saved = self.check_run_dir(resume)
-        self.checkpoint_sha256 = rundir.checkpoint_sha256(cfg.checkpoint)
         self.train = load_split(cfg.data, "train", cfg.val_fraction, cfg.split_seed)
         self.val = load_split(cfg.data, "val", cfg.val_fraction, cfg.split_seed)
-        self.data_sha256 = rundir.images_sha256(self.train, self.val)
-        self.run_id = saved["run_id"] if saved else uuid.uuid4().hex
-        self.identity = {
-            "run_id": self.run_id,
-            "config_sha256": rundir.config_sha256(cfg.defining(), self.checkpoint_sha256, self.data_sha256),
-        }
-        self.saved_state: dict | None = None
-        state_file = self.dir / STATE_FILE
-        if saved:
-            rundir.check_same_content(saved, cfg.to_json(), self.checkpoint_sha256, self.data_sha256)
-            self.saved_state, stored = read_state(state_file)
-            check_identity(state_file, stored, self.identity)
+        self.identify(saved)
+        self.saved_state = self.read_saved_state() if saved else None
         if cfg.fitness_images > len(self.train):
             raise HwqError(
                 f"--fitness-images {cfg.fitness_images} exceeds the {len(self.train)} training images"
@@ -210,7 +199,7 @@ class _Run:
         self.initial = prepared.program
         self.identity["initial_ir_sha256"] = program_digest(self.initial)
         if saved:
-            check_identity(state_file, stored, self.identity)
+            check_identity(self.dir / STATE_FILE, self.saved_identity, self.identity)
         self.float_model = prepared.float_model
         with torch.no_grad():
             positions = weight_positions(prepared.qmodel, self.initial)
@@ -239,6 +228,24 @@ class _Run:
         rundir.check_same_settings(saved, self.cfg.defining())
         rundir.check_inputs_exist(self.cfg.to_json())
         return saved
+
+    def identify(self, saved: dict | None) -> None:
+        """What names this run in its state file: its id, and digests of its settings with
+        the checkpoint and images by content; on resume these must be the saved run's."""
+        self.checkpoint_sha256 = rundir.checkpoint_sha256(self.cfg.checkpoint)
+        self.data_sha256 = rundir.images_sha256(self.train, self.val)
+        if saved:
+            rundir.check_same_content(saved, self.cfg.to_json(), self.checkpoint_sha256, self.data_sha256)
+        self.run_id = saved["run_id"] if saved else uuid.uuid4().hex
+        digest = rundir.config_sha256(self.cfg.defining(), self.checkpoint_sha256, self.data_sha256)
+        self.identity = {"run_id": self.run_id, "config_sha256": digest}
+
+    def read_saved_state(self) -> dict:
+        """The state to resume, refused now (before the setup's work) if another run's; its
+        initial program is checked once lowered."""
+        state, self.saved_identity = read_state(self.dir / STATE_FILE)
+        check_identity(self.dir / STATE_FILE, self.saved_identity, self.identity)
+        return state
 
     # ----- state -------------------------------------------------------------------------
 
