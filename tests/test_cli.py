@@ -286,13 +286,13 @@ print(status, sorted({name.split(".")[0] for name in sys.modules} & {"torch", "b
 """
 
 
-@pytest.mark.parametrize(
-    "command", ["--help", "sim --ir {ir} --hw {edge}", "sim --ir {ir} --hw {edge} --json {json}"]
-)
+@pytest.mark.parametrize("command", ["--help", "sim --ir {ir} --hw {edge} --json {json}"])
 def test_torch_free_commands_import_no_torch(command, tmp_path):
     ir = tmp_path / "w4a8.ir"
     save_program(program_for(QuantConfig(4, 8)), ir)
-    argv = shlex.split(command.format(ir=ir, edge=EDGE, json=tmp_path / "sim.json"))
+    json_file = tmp_path / "new" / "sim.json"  # a missing directory is created
+    argv = shlex.split(command.format(ir=ir, edge=EDGE, json=json_file))
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     done = subprocess.run([sys.executable, "-c", TORCH_FREE, *argv], capture_output=True, text=True, env=env)
     assert done.stdout.splitlines()[-1] == "0 []", done.stdout + done.stderr
+    assert json_file.exists() == ("--json" in argv)

@@ -358,6 +358,7 @@ class _Run:
             self.write_config()
         else:
             self.write_config()
+            (self.dir / LOG_FILE).unlink(missing_ok=True)  # of an attempt that died before its first state
             save_program(self.initial, self.dir / "initial.ir")
             self.new_batch()
             self.record({"generation": 0, "best_fitness": int(self.search.best_fitness)}, evaluate=True)
