@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 
 from hwq import __version__
-from hwq.flags import add_model_flags, program_from_args
+from hwq.flags import add_model_flags, output_file, positive_int, program_from_args
 from hwq.results import percent, write_csv, write_json
 
 from .hardware import load_accelerator
@@ -89,7 +89,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ir", help="an IR file (from hwq train or --save-ir) instead of a checkpoint")
     add_model_flags(p)
     p.add_argument("--data", help="CIFAR-10 directory for calibration with --checkpoint")
-    p.add_argument("--batch", type=int, default=1, help="images per run; weights are fetched once per run")
-    p.add_argument("--json", help="write per-layer results and totals to this JSON file")
-    p.add_argument("--csv", help="write the per-layer table to this CSV file")
+    p.add_argument(
+        "--batch", type=positive_int, default=1, help="images per run; weights are fetched once per run"
+    )
+    p.add_argument("--json", type=output_file, help="write per-layer results and totals to this JSON file")
+    p.add_argument("--csv", type=output_file, help="write the per-layer table to this CSV file")
     p.set_defaults(func=cmd_sim)

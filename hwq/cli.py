@@ -10,6 +10,7 @@ import importlib
 import logging
 import sys
 import warnings
+from typing import NoReturn
 
 from accel_sim.ir import IRError
 
@@ -20,8 +21,16 @@ from . import __doc__ as hwq_doc
 COMMAND_MODULES = ("hwq.quant.cli", "hwq.search.cli", "hwq.studies.cli", "accel_sim.cli", "rtl_models.cli")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a flag error as one line like every other error of the command (the
+    subcommands' parsers are of this class too)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hwq", description=hwq_doc)
+    parser = Parser(prog="hwq", description=hwq_doc)
     parser.add_argument("--version", action="version", version=f"hwq {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for module in COMMAND_MODULES:
@@ -35,15 +44,20 @@ def quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 done, 2 bad input (one line on stderr), 130 stopped by Ctrl-C or
+    SIGTERM (a command that saved its work says how to continue it)."""
     quiet_libraries()
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a flag error already printed
+        return exc.code if isinstance(exc.code, int) else 2
     try:
         args.func(args)
     except (HwqError, IRError) as exc:
         print(f"hwq {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"hwq {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"hwq {args.command}: {exc or 'interrupted'}", file=sys.stderr)
         return 130
     return 0
 

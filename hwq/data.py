@@ -101,6 +101,8 @@ def load_split(
         raise HwqError(f"split {split!r} is not one of {SPLITS}")
     if not 0 < val_fraction < 1:
         raise HwqError(f"validation fraction {val_fraction} must be between 0 and 1")
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+        raise HwqError(f"split seed {seed!r} must be a non-negative integer (numpy seeds are)")
     root = data_root(data)
     batches = find_batches(root)
     if batches is None:

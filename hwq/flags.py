@@ -7,16 +7,106 @@ and `hwq --help`, `hwq sim --ir` or `hwq report` must not pay for importing torc
 from __future__ import annotations
 
 import argparse
+import math
+from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from accel_sim.ir import Accumulator, Program, load_program
+from accel_sim.ir import MAX_MULT_BITS, Accumulator, Program, load_program
 
 from . import HwqError
 from .data import DEFAULT_SPLIT_SEED, DEFAULT_VAL_FRACTION, SPLITS
+from .outdir import output_file_problem
 from .quant import DEFAULT_CALIBRATION_IMAGES, DEFAULT_MULT_BITS
 
 if TYPE_CHECKING:
     from .quant.model import QuantConfig
+
+# ----- argparse types: a bad value is refused while parsing, naming the flag and the value
+
+
+def _number(text: str, kind: type) -> int | float:
+    try:
+        value = kind(text)
+    except ValueError:
+        what = "an integer" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = _number(text, int)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    value = _number(text, int)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = _number(text, float)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value:g} is not positive")
+    return value
+
+
+def open_fraction(text: str) -> float:
+    """A share strictly between 0 and 1 (a held-out fraction)."""
+    value = _number(text, float)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{value:g} is not between 0 and 1")
+    return value
+
+
+def int_in(lo: int, hi: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = _number(text, int)
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{value} is out of range [{lo}, {hi}]")
+        return value
+
+    return parse
+
+
+def output_file(text: str) -> str:
+    """A file a command will write (--json, --save-ir, --csv): refused now if it cannot be."""
+    problem = output_file_problem(Path(text))
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
+def torch_device(name: str, flag: str = "--device") -> str:
+    """The evaluator's torch device, refused before any work when it does not parse or this
+    machine does not have it (torch is imported here, by the commands that run on it)."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise HwqError(f"{flag} {name!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cpu":
+        return name
+    backend = getattr(torch, device.type, None)
+    if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
+        raise HwqError(f"{flag} {name}: this machine has no {device.type} device")
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if device.index is not None and device.index >= count:
+        raise HwqError(f"{flag} {name}: this machine has {count} {device.type} device(s)")
+    return name
+
+
+# ----- shared flags
+
+
+MULT_BITS = int_in(2, MAX_MULT_BITS)
 
 
 def add_data_flags(p: argparse.ArgumentParser) -> None:
@@ -26,14 +116,17 @@ def add_data_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--val-fraction",
-        type=float,
+        type=open_fraction,
         default=DEFAULT_VAL_FRACTION,
         help="share of training images held out as val",
     )
     p.add_argument(
-        "--split-seed", type=int, default=DEFAULT_SPLIT_SEED, help="seed of the train/val permutation"
+        "--split-seed",
+        type=nonnegative_int,
+        default=DEFAULT_SPLIT_SEED,
+        help="seed of the train/val permutation",
     )
-    p.add_argument("--limit", type=int, help="evaluate only the first N images of the split")
+    p.add_argument("--limit", type=positive_int, help="evaluate only the first N images of the split")
 
 
 def add_model_flags(p: argparse.ArgumentParser, required: bool = False) -> None:
@@ -45,11 +138,13 @@ def add_model_flags(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument("--last-wbits", type=int, help="weight bits of the classifier (default: --wbits)")
     p.add_argument(
         "--calibration-images",
-        type=int,
+        type=positive_int,
         default=DEFAULT_CALIBRATION_IMAGES,
         help="training images used to calibrate activation scales",
     )
-    p.add_argument("--mult-bits", type=int, default=DEFAULT_MULT_BITS, help="requantization multiplier width")
+    p.add_argument(
+        "--mult-bits", type=MULT_BITS, default=DEFAULT_MULT_BITS, help="requantization multiplier width"
+    )
 
 
 def add_accumulator_flags(p: argparse.ArgumentParser) -> None:
@@ -70,7 +165,8 @@ def quant_config(args: argparse.Namespace) -> QuantConfig:
 
 
 def accumulator_override(args: argparse.Namespace, current: Accumulator) -> Accumulator:
-    acc = Accumulator(args.acc_bits or current.bits, args.overflow or current.overflow)
+    bits = current.bits if args.acc_bits is None else args.acc_bits
+    acc = Accumulator(bits, args.overflow or current.overflow)
     acc.validate()
     return acc
 

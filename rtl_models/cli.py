@@ -8,7 +8,7 @@ from pathlib import Path
 from accel_sim.ir import load_program, program_digest
 from hwq import HwqError, __version__
 from hwq.data import load_split
-from hwq.flags import accumulator_override, add_accumulator_flags, add_data_flags
+from hwq.flags import accumulator_override, add_accumulator_flags, add_data_flags, output_file, positive_int
 from hwq.results import write_json
 
 
@@ -82,11 +82,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--ir", required=True, help="the IR file whose layers run")
     p.add_argument("--layer", action="append", help="conv layer to run, repeatable (default or 'all': all)")
-    p.add_argument("--rows", type=int, default=8, help="rows of the MAC array (output pixels per tile)")
-    p.add_argument("--cols", type=int, default=8, help="columns of the MAC array (output channels per tile)")
-    p.add_argument("--pixels", type=int, help="only the first N output pixels of each layer (a quick check)")
+    p.add_argument(
+        "--rows", type=positive_int, default=8, help="rows of the MAC array (output pixels per tile)"
+    )
+    p.add_argument(
+        "--cols", type=positive_int, default=8, help="columns of the MAC array (output channels per tile)"
+    )
+    p.add_argument(
+        "--pixels", type=positive_int, help="only the first N output pixels of each layer (a quick check)"
+    )
     add_data_flags(p)
     add_accumulator_flags(p)
     p.add_argument("--build-dir", default="sim_build", help="where simulator builds are kept and reused")
-    p.add_argument("--json", help="write the per-layer results to this JSON file")
+    p.add_argument("--json", type=output_file, help="write the per-layer results to this JSON file")
     p.set_defaults(func=cmd_verify)

@@ -4,9 +4,15 @@ killed midway resumes without redoing finished points, and training points work.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
+import os
 import shlex
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,8 +25,8 @@ from hwq import HwqError
 from hwq.cli import main
 from hwq.search.cceda import EDAConfig
 from hwq.studies.report import build_report
-from hwq.studies.rows import read_results
-from hwq.studies.sweep import SweepConfig, parse_arrays, parse_int_list, sweep
+from hwq.studies.rows import append_rows, read_results
+from hwq.studies.sweep import SweepConfig, is_done, parse_arrays, parse_int_list, sweep
 
 from .helpers import write_checkpoint, write_cifar_batches
 
@@ -208,3 +214,84 @@ def test_parallel_sweep_equals_serial(workspace):
         }
 
     assert numbers(serial) == numbers(parallel)
+
+
+# ----- one owner per sweep directory; workers die with the sweep; no row twice
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def processes() -> dict[int, tuple[int, str, str]]:
+    """pid: (parent pid, state, command line) of every process (Linux /proc)."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, IndexError):
+            continue
+        found[int(stat.parent.name)] = (int(fields[1]), fields[0], cmdline)
+    return found
+
+
+def workers_of(parent: int) -> list[int]:
+    return [pid for pid, (ppid, _, cmd) in processes().items() if ppid == parent and "spawn_main" in cmd]
+
+
+def alive(pids: list[int]) -> list[int]:
+    table = processes()
+    return [pid for pid in pids if pid in table and table[pid][1] not in "ZX"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
+def test_killed_sweep_leaves_no_workers_and_a_rerun_no_duplicate_rows(workspace, capsys):
+    root, data, checkpoint = workspace
+    out = root / "killed"
+    out.mkdir()
+    results = out / "results.jsonl"
+    results.touch()
+    argv = ["sweep", "--checkpoint", checkpoint, "--data", data, "--out", str(out), "--wbits", "3,4"]
+    argv += ["--abits", "8", "--acc-bits", "16,32", "--overflow", "wrap", "--arrays", "8x8"]
+    argv += ["--limit", "4", "--calibration-images", "16"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    with open(results) as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # the workers' appends wait: they are mid-sweep when it dies
+        proc = subprocess.Popen([sys.executable, "-m", "hwq.cli", *argv, "--jobs", "2"], cwd=ROOT, env=env)
+        workers: list[int] = []
+        try:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and not (
+                len(workers) == 2 and len(list((out / "ir").glob("*.ir"))) == 2
+            ):
+                assert proc.poll() is None
+                workers = workers_of(proc.pid)
+                time.sleep(0.1)
+            assert len(workers) == 2, "the sweep did not start its two workers"
+            assert main(argv) == 2
+            assert f"{out} is in use by process {proc.pid}" in capsys.readouterr().err
+            proc.kill()
+            proc.wait()
+            deadline = time.monotonic() + 10
+            while alive(workers) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert not alive(workers), "workers outlived their sweep"
+        finally:
+            proc.kill()
+            for pid in alive(workers):
+                os.kill(pid, signal.SIGKILL)
+    assert results.read_text() == ""
+    assert main(argv) == 0 and main(argv) == 0  # the rerun measures everything, the next nothing
+    keys = [json.loads(line)["key"] for line in results.read_text().splitlines()]
+    assert sorted(keys) == sorted(f"w{w}a8-pt-acc{a}-wrap-8x8" for w in (3, 4) for a in (16, 32))
+
+
+def test_a_row_is_not_appended_twice(finished, tmp_path):
+    """Two writers that measured the same point: the second's rows are left out (checked
+    under the results file's lock), unless the present row lacks what this run asks for."""
+    cfg, rows = finished
+    path = tmp_path / "results.jsonl"
+    assert append_rows(path, rows[:2], unless=lambda row: is_done(row, cfg)) == rows[:2]
+    assert append_rows(path, rows[:3], unless=lambda row: is_done(row, cfg)) == rows[2:3]
+    trained = dataclasses.replace(cfg, train_budget=8)
+    assert append_rows(path, rows[:1], unless=lambda row: is_done(row, trained)) == rows[:1]
+    assert len(path.read_text().splitlines()) == 4

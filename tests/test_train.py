@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,9 +23,10 @@ from hwq.data import load_split
 from hwq.quant.evaluate import evaluate_program, prepare
 from hwq.search.cceda import EDAConfig
 from hwq.search.evaluator import BrevitasEvaluator, IntegerFitness, SimEvaluator, Targets
+from hwq.search.state import read_state, write_state
 from hwq.search.train import TrainConfig, train
 
-from .helpers import write_checkpoint, write_cifar_batches
+from .helpers import random_resnet, write_checkpoint, write_cifar_batches
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +38,16 @@ def workspace(tmp_path_factory):
 
 def config(workspace, out: str, budget: int, **kw) -> TrainConfig:
     root, data, checkpoint = workspace
+    values = {
+        "layers": ("layer3.2.conv2", "fc"),
+        "eda": EDAConfig(population=4, selected=2, group_size=64),
+        "fitness_images": 16,
+        "new_batch_every": 3,
+        "eval_every": 2,
+        "checkpoint_every": 2,
+        "calibration_images": 32,
+        "progress": False,
+    }
     return TrainConfig(
         checkpoint=checkpoint,
         data=data,
@@ -36,15 +55,7 @@ def config(workspace, out: str, budget: int, **kw) -> TrainConfig:
         wbits=4,
         abits=8,
         budget_evals=budget,
-        layers=("layer3.2.conv2", "fc"),
-        eda=EDAConfig(population=4, selected=2, group_size=64),
-        fitness_images=16,
-        new_batch_every=3,
-        eval_every=2,
-        checkpoint_every=2,
-        calibration_images=32,
-        progress=False,
-        **kw,
+        **values | kw,
     )
 
 
@@ -77,6 +88,7 @@ def assert_same_run(workspace, out: str, reference, reference_out: str = "full")
 
 def test_run_searches_and_reports(uninterrupted, workspace):
     summary, _, log = uninterrupted
+    assert hashlib.sha256(Path(summary["final_ir"]).read_bytes()).hexdigest() == summary["final_ir_sha256"]
     assert summary["evaluations"] == 40 and summary["complete"]
     assert summary["generations"] == 10 == log[-1]["generation"]
     assert [d["generation"] for d in log] == list(range(11))
@@ -173,7 +185,7 @@ def test_run_directory_is_protected(workspace, uninterrupted):
         train(config(workspace, "full", 40))
     with pytest.raises(HwqError, match="differ from the run's: wbits"):
         train(TrainConfig(**{**config(workspace, "full", 40).__dict__, "wbits": 3}), resume=True)
-    with pytest.raises(HwqError, match="nothing to resume"):
+    with pytest.raises(HwqError, match="no run to resume in"):
         train(config(workspace, "never", 40), resume=True)
 
 
@@ -282,3 +294,214 @@ def test_brevitas_target_scores_like_accel_sim_and_is_reevaluated_on_it(workspac
     final = load_program(run / "final.ir")
     assert final.meta["training"]["target"] == "brevitas" and summary["evaluations"] == 24
     assert evaluate_program(final, load_split(cfg.data, "val")).accuracy == summary["final_val_accuracy"]
+
+
+# ----- run directories: one owner, stop signals, damaged or foreign files, moved inputs
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = "--layers fc --population 4 --selected 2 --fitness-images 16 --calibration-images 32 --eval-every 2"
+
+
+def python(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def wait_for_generation(run: Path, generation: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        lines = (run / "log.jsonl").read_text().splitlines() if (run / "log.jsonl").exists() else []
+        if any(line.endswith("}") and json.loads(line)["generation"] >= generation for line in lines):
+            return
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"the run did not reach generation {generation}")
+
+
+def one_line_error(capsys, argv: list[str], needle: str) -> None:
+    assert main(argv) == 2, argv
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and needle in err, err
+
+
+def test_second_process_is_refused_and_ctrl_c_saves_and_exits_130(workspace, capsys):
+    root, data, checkpoint = workspace
+    run = root / "owned"
+    argv = ["train", "--checkpoint", checkpoint, "--data", data, "--wbits", "4", "--abits", "8"]
+    argv += ["--budget-evals", "1000000", "--out", str(run), *SMALL.split()]
+    first = python("-m", "hwq.cli", *argv, "--seed", "3")
+    try:
+        wait_for_generation(run, 2, first)
+        one_line_error(capsys, [*argv, "--seed", "4"], f"{run} is in use by process {first.pid}")
+        assert json.loads((run / "config.json").read_text())["seed"] == 3
+        first.send_signal(signal.SIGINT)
+        _, err = first.communicate(timeout=120)
+    finally:
+        first.kill()
+    assert first.returncode == 130
+    assert "run incomplete: stopped by SIGINT" in err and f"hwq train --out {run} --resume" in err
+    summary = json.loads((run / "summary.json").read_text())
+    state, _ = read_state(run / "state.npz")
+    assert not summary["complete"] and state["search"]["generation"] == summary["generations"]
+    generations = [json.loads(line)["generation"] for line in (run / "log.jsonl").read_text().splitlines()]
+    assert generations == list(range(summary["generations"] + 1))  # the second process wrote nothing
+    more = summary["evaluations"] + 8
+    assert main(["train", "--out", str(run), "--resume", "--budget-evals", str(more)]) == 0
+    assert json.loads((run / "summary.json").read_text())["evaluations"] == more
+
+
+BLOCKING_RUN = """
+import sys, time
+from pathlib import Path
+from hwq.search.evaluator import SimEvaluator
+from hwq.search.train import train
+from tests.test_train import config
+
+root, data, checkpoint, out, block_at = sys.argv[1:]
+evaluate, calls = SimEvaluator.evaluate, []
+def blocking(self, candidates):
+    calls.append(1)
+    if len(calls) == int(block_at):
+        time.sleep(600)  # where the machine is lost: SIGKILLed here
+    return evaluate(self, candidates)
+SimEvaluator.evaluate = blocking
+train(config((Path(root), data, checkpoint), out, 40, checkpoint_every=4))
+"""
+
+
+def test_sigkilled_run_leaves_no_lock_and_resumes_exactly_dropping_lines(workspace, uninterrupted):
+    """Killed in generation 7 with its state from generation 4: the log lines of
+    generations 5 and 6 (and a half-written one) are dropped and written again, the
+    kernel has dropped the lock, and the temporaries of atomic writes are removed."""
+    root, data, checkpoint = workspace
+    run = root / "killed"
+    proc = python("-c", BLOCKING_RUN, str(root), data, checkpoint, "killed", "7")
+    try:
+        wait_for_generation(run, 6, proc)
+    finally:
+        proc.kill()
+        proc.wait()
+    state, _ = read_state(run / "state.npz")
+    logged = [json.loads(line)["generation"] for line in (run / "log.jsonl").read_text().splitlines()]
+    assert state["search"]["generation"] == 4 and logged[-1] == 6
+    with open(run / "log.jsonl", "a") as f:
+        f.write('{"generation": 7, "lay')
+    stale = [run / ".state.npz.k1ll3d_x.tmp", run / ".log.jsonl.abcd1234.tmp"]
+    for path in stale:
+        path.write_bytes(b"half a file")
+    train(config(workspace, "killed", 40), resume=True)
+    assert_same_run(workspace, "killed", uninterrupted)
+    assert not any(path.exists() for path in stale)
+
+
+def test_sigterm_stops_like_ctrl_c(workspace, monkeypatch):
+    original, calls = SimEvaluator.evaluate, []
+
+    def terminated_at_the_third(self, candidates):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # what a cluster scheduler sends
+        return original(self, candidates)
+
+    monkeypatch.setattr(SimEvaluator, "evaluate", terminated_at_the_third)
+    with pytest.raises(KeyboardInterrupt, match="stopped by SIGTERM at generation 3"):
+        train(config(workspace, "terminated", 40))
+    summary = json.loads((workspace[0] / "terminated" / "summary.json").read_text())
+    assert summary["generations"] == 3 and not summary["complete"]
+    state, _ = read_state(workspace[0] / "terminated" / "state.npz")
+    assert state["search"]["generation"] == 3
+
+
+@pytest.fixture(scope="module")
+def other_run(workspace):
+    train(config(workspace, "other", 8, seed=1))
+    return workspace[0] / "other"
+
+
+def copy_of_full(workspace, tmp_path, name: str) -> Path:
+    return Path(shutil.copytree(workspace[0] / "full", tmp_path / name))
+
+
+def test_foreign_or_damaged_run_files_are_refused(workspace, uninterrupted, other_run, tmp_path, capsys):
+    def damaged(name: str, damage) -> list[str]:
+        run = copy_of_full(workspace, tmp_path, name)
+        damage(run)
+        return ["train", "--out", str(run), "--resume"]
+
+    state = lambda run: run / "state.npz"  # noqa: E731
+    cases = {
+        "state from another run": (
+            lambda run: shutil.copy(other_run / "state.npz", state(run)),
+            "belongs to another run (its run_id, config_sha256 differ",
+        ),
+        "truncated state": (
+            lambda run: state(run).write_bytes(state(run).read_bytes()[:5000]),
+            "state.npz is damaged",
+        ),
+        "random state": (lambda run: state(run).write_bytes(os.urandom(5000)), "state.npz is damaged"),
+        "garbage config": (
+            lambda run: (run / "config.json").write_text("{garbage"),
+            "config.json is damaged",
+        ),
+        "missing config": (lambda run: (run / "config.json").unlink(), "has a state but no config.json"),
+        "state.pkl of an older hwq": (
+            lambda run: state(run).rename(run / "state.pkl"),
+            "was made by an older hwq",
+        ),
+    }
+    for name, (damage, message) in cases.items():
+        one_line_error(capsys, damaged(name.replace(" ", "_"), damage), message)
+
+
+def test_resume_checks_that_the_state_reproduces_its_best_fitness(workspace, uninterrupted, tmp_path, capsys):
+    """A state rewritten consistently (valid file, right run) but with a best fitness its
+    own best solution does not score is refused, not continued."""
+    run = copy_of_full(workspace, tmp_path, "tampered")
+    state, identity = read_state(run / "state.npz")
+    state["search"]["best_fitness"] += 1
+    write_state(run / "state.npz", state, identity)
+    one_line_error(
+        capsys, ["train", "--out", str(run), "--resume"], "does not reproduce its own best fitness"
+    )
+
+
+def test_resume_from_another_directory_and_with_moved_data(workspace, tmp_path, monkeypatch, capsys):
+    root, data, checkpoint = workspace
+    shutil.copytree(data, tmp_path / "data")
+    shutil.copy(checkpoint, tmp_path / "model.th")
+    monkeypatch.chdir(tmp_path)
+    fresh = "train --checkpoint model.th --data data --wbits 4 --abits 8 --budget-evals 4 --out run"
+    assert main([*fresh.split(), *SMALL.split()]) == 0
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (saved["checkpoint"], saved["data"]) == (str(tmp_path / "model.th"), str(tmp_path / "data"))
+    monkeypatch.chdir(tmp_path / "data")  # relative paths would now point nowhere
+    resume = ["train", "--out", str(tmp_path / "run"), "--resume", "--budget-evals"]
+    assert main([*resume, "8"]) == 0
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").rename(tmp_path / "moved")
+    one_line_error(capsys, [*resume, "12"], "does not exist; if it moved, give its new place with --data")
+    other = write_cifar_batches(tmp_path / "other", images_per_batch=61)
+    one_line_error(capsys, [*resume, "12", "--data", str(other)], "does not hold the run's train/val images")
+    other_checkpoint = write_checkpoint(tmp_path / "other.th", random_resnet(seed=1))
+    one_line_error(
+        capsys,
+        [*resume, "12", "--data", "moved", "--checkpoint", str(other_checkpoint)],
+        "is not the run's checkpoint",
+    )
+    assert main([*resume, "12", "--data", "moved"]) == 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["data"] == str(tmp_path / "moved")
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["evaluations"] == 12
+
+
+def test_budget_minutes_stops_on_time_and_is_complete(workspace):
+    budget = 0.05  # 3 s of search
+    cfg = config(workspace, "minutes", None, budget_minutes=budget, layers=("fc",), eval_every=1000)
+    summary = train(cfg)
+    assert summary["complete"] and summary["elapsed_s"] >= 60 * budget - 0.05
+    lines = [json.loads(x) for x in (workspace[0] / "minutes" / "log.jsonl").read_text().splitlines()]
+    assert len(lines) >= 3  # the search ran generations, then stopped by itself
+    # a generation starts only while budget is left, so only the last one may end past it
+    assert all(line["elapsed_s"] < 60 * budget for line in lines[:-1])

@@ -9,7 +9,16 @@ from accel_sim.ir import load_program, program_digest, save_program
 
 from .. import HwqError, __version__
 from ..data import load_split
-from ..flags import accumulator_override, add_accumulator_flags, add_data_flags, add_model_flags, quant_config
+from ..flags import (
+    accumulator_override,
+    add_accumulator_flags,
+    add_data_flags,
+    add_model_flags,
+    output_file,
+    positive_int,
+    quant_config,
+    torch_device,
+)
 from ..results import percent, write_json
 from . import DEFAULT_BATCH
 
@@ -22,6 +31,7 @@ MODES = ("float", "brevitas", "accel_sim")
 def cmd_eval(args: argparse.Namespace) -> None:
     if bool(args.checkpoint) == bool(args.ir):
         raise HwqError("give exactly one of --checkpoint or --ir")
+    torch_device(args.device)
     modes = MODES if args.mode == "all" else (args.mode,)
     if args.ir and modes != ("accel_sim",):
         if args.mode != "all":
@@ -125,8 +135,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_data_flags(p)
     add_accumulator_flags(p)
     p.add_argument("--mode", choices=(*MODES, "all"), default="all")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
+    p.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH, help="images per forward pass")
     p.add_argument("--device", default="cpu", help="torch device for accel_sim (cpu, cuda)")
-    p.add_argument("--json", help="write the results to this JSON file")
-    p.add_argument("--save-ir", help="write the lowered integer program to this file")
+    p.add_argument("--json", type=output_file, help="write the results to this JSON file")
+    p.add_argument("--save-ir", type=output_file, help="write the lowered integer program to this file")
     p.set_defaults(func=cmd_eval)

@@ -276,7 +276,12 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise HwqError(f"checkpoint {path} holds no state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+    state = {k.removeprefix("module."): v for k, v in obj.items()}
+    broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:
+        more = f" and {len(broken) - 1} more" if len(broken) > 1 else ""
+        raise HwqError(f"checkpoint {path} has NaN or Inf values in {broken[0]}{more}")
+    return state
 
 
 def infer_depth(state: dict[str, torch.Tensor], path: Path) -> int:

@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from accel_sim.hardware import load_accelerator, toml_key
 
 from .. import HwqError
+from ..flags import (
+    MULT_BITS,
+    nonnegative_int,
+    open_fraction,
+    positive_float,
+    positive_int,
+    torch_device,
+)
+from ..outdir import check_output_dir
 from ..results import percent
 from . import FITNESS_MODES
+from .rundir import CONFIG_FILE, read_run_config
 
 if TYPE_CHECKING:
     from .train import TrainConfig
@@ -29,10 +37,14 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         given["accumulator_bits"] = given.pop("acc_bits")
     if "hw" in given:
         given |= hardware_settings(given["hw"], given)
-    config_file = Path(args.out) / "config.json"
-    if args.resume and config_file.exists():
-        cfg = TrainConfig.from_json(json.loads(config_file.read_text()))
+    if args.resume:
+        saved = read_run_config(args.out)
+        try:
+            cfg = TrainConfig.from_json(saved)
+        except HwqError as exc:
+            raise HwqError(f"{args.out}/{CONFIG_FILE}: {exc}") from None
     else:
+        check_output_dir(args.out)
         if not args.checkpoint or given.get("wbits") is None or given.get("abits") is None:
             raise HwqError("--checkpoint, --wbits and --abits (or a --hw file with [precision]) are required")
         cfg = TrainConfig(
@@ -82,9 +94,11 @@ def hardware_settings(path: str, given: dict) -> dict:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    cfg = train_config(args)
+    torch_device(cfg.device)
     from .train import train
 
-    summary = train(train_config(args), resume=args.resume)
+    summary = train(cfg, resume=args.resume)
     print(
         f"held-out accuracy on accel_sim: {percent(summary['initial_val_accuracy'])} (round-to-nearest) -> "
         f"{percent(summary['final_val_accuracy'])} after {summary['evaluations']} evaluations "
@@ -127,35 +141,53 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--overflow", choices=("wrap", "saturate"), help="accumulator overflow mode (default wrap)"
     )
-    p.add_argument("--mult-bits", type=int, help="requantization multiplier width (default 16)")
+    p.add_argument("--mult-bits", type=MULT_BITS, help="requantization multiplier width (default 16)")
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--budget-evals", type=int, help="stop after this many fitness evaluations")
-    budget.add_argument("--budget-minutes", type=float, help="stop after this much search time")
-    p.add_argument("--seed", type=int, help="seed of the search (default 0)")
+    budget.add_argument("--budget-evals", type=positive_int, help="stop after this many fitness evaluations")
+    budget.add_argument("--budget-minutes", type=positive_float, help="stop after this much search time")
+    p.add_argument("--seed", type=nonnegative_int, help="seed of the search (default 0)")
     p.add_argument("--layers", help="comma-separated layers to search (default: every conv and fc)")
     s = p.add_argument_group("search (docs/training.md)")
-    s.add_argument("--radius", type=int, help="levels each side of the initial value (default 1)")
-    s.add_argument("--population", type=int, help="candidates per generation (default 16)")
-    s.add_argument("--selected", type=int, help="best candidates the distribution learns from (default 4)")
+    s.add_argument("--radius", type=positive_int, help="levels each side of the initial value (default 1)")
+    s.add_argument("--population", type=positive_int, help="candidates per generation (default 16)")
+    s.add_argument(
+        "--selected", type=positive_int, help="best candidates the distribution learns from (default 4)"
+    )
     s.add_argument("--learning-rate", type=float, help="step of the distribution toward them (default 0.3)")
     s.add_argument(
         "--init-sigma", type=float, help="width in levels of the initial distributions (default 0.4)"
     )
     s.add_argument("--min-prob", type=float, help="floor of every valid level's probability (default 0.02)")
-    s.add_argument("--group-size", type=int, help="weights per cooperative-coevolution group (default 256)")
-    s.add_argument("--generations-per-group", type=int, help="generations before regrouping (default 4)")
+    s.add_argument(
+        "--group-size", type=positive_int, help="weights per cooperative-coevolution group (default 256)"
+    )
+    s.add_argument(
+        "--generations-per-group", type=positive_int, help="generations before regrouping (default 4)"
+    )
     s.add_argument("--group-scope", choices=("layer", "global"), help="group within one layer (default)")
     f = p.add_argument_group("fitness")
     f.add_argument("--fitness", choices=FITNESS_MODES, help="integer score of the logits (default distill)")
-    f.add_argument("--margin-clip", type=float, help="margin clip in logit units (default 4.0)")
-    f.add_argument("--fitness-images", type=int, help="training images per fitness batch (default 256)")
-    f.add_argument("--new-batch-every", type=int, help="generations between fitness batches (default 16)")
+    f.add_argument("--margin-clip", type=positive_float, help="margin clip in logit units (default 4.0)")
+    f.add_argument(
+        "--fitness-images", type=positive_int, help="training images per fitness batch (default 256)"
+    )
+    f.add_argument(
+        "--new-batch-every", type=positive_int, help="generations between fitness batches (default 16)"
+    )
     r = p.add_argument_group("run")
-    r.add_argument("--eval-every", type=int, help="generations between held-out evaluations (default 25)")
-    r.add_argument("--checkpoint-every", type=int, help="generations between state checkpoints (default 10)")
-    r.add_argument("--val-fraction", type=float, help="held-out share of the training batches (default 0.2)")
-    r.add_argument("--split-seed", type=int, help="seed of the train/val split (default 0)")
-    r.add_argument("--calibration-images", type=int, help="images to calibrate activations (default 512)")
+    r.add_argument(
+        "--eval-every", type=positive_int, help="generations between held-out evaluations (default 25)"
+    )
+    r.add_argument(
+        "--checkpoint-every", type=positive_int, help="generations between state checkpoints (default 10)"
+    )
+    r.add_argument(
+        "--val-fraction", type=open_fraction, help="held-out share of the training batches (default 0.2)"
+    )
+    r.add_argument("--split-seed", type=nonnegative_int, help="seed of the train/val split (default 0)")
+    r.add_argument(
+        "--calibration-images", type=positive_int, help="images to calibrate activations (default 512)"
+    )
     r.add_argument("--device", help="torch device of the evaluator (default cpu)")
     r.add_argument("--compile", action="store_true", default=None, help="fuse requant with torch.compile")
     p.set_defaults(func=cmd_train)

@@ -1,19 +1,25 @@
 """`hwq train`: a resumable CC-EDA run whose every fitness comes from the integer datapath.
 
 A run directory holds `config.json` (what defines the run), `log.jsonl` (one line per
-generation), `state.pkl` (the full search state, written atomically every few
+generation), `state.npz` (the full search state, written atomically every few
 generations), `initial.ir` (round-to-nearest), and at the end `final.ir` and
-`summary.json`. `--resume` continues from `state.pkl` exactly: the same generations,
-candidates and weights as a run that was never interrupted.
+`summary.json`. `--resume` continues from `state.npz` exactly: the same generations,
+candidates and weights as a run that was never interrupted. One process at a time owns
+the directory (hwq.outdir.DirectoryLock); Ctrl-C or SIGTERM stops the run at the end of
+its generation, saves it and raises KeyboardInterrupt saying how to continue it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import pickle
+import shlex
 import signal
+import threading
 import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,15 +27,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from accel_sim.ir import Accumulator, Program, atomic_write_bytes, save_program
+from accel_sim.ir import MAX_MULT_BITS, Accumulator, Program, program_digest, save_program
 
 from .. import HwqError, __version__
 from ..data import load_split
+from ..outdir import DirectoryLock
 from ..quant.evaluate import evaluate_program, prepare
 from ..quant.lower import weight_positions
-from ..quant.model import QuantConfig
+from ..quant.model import QuantConfig, file_sha256
 from ..results import write_json
-from . import FITNESS_MODES
+from . import FITNESS_MODES, rundir
 from .cceda import CCEDA, EDAConfig, SearchSpace
 from .evaluator import (
     BrevitasEvaluator,
@@ -39,9 +46,12 @@ from .evaluator import (
     Targets,
     integer_logits,
 )
+from .rundir import CONFIG_FILE, LOG_FILE, STATE_FILE
+from .state import check_identity, read_state, write_state
 
 TARGETS = ("accel_sim", "brevitas")
-STATE_FILE = "state.pkl"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+AT_LEAST_ONE = ("fitness_images", "new_batch_every", "eval_every", "checkpoint_every", "calibration_images")
 RUN_DEFINING = (
     "checkpoint",
     "data",
@@ -120,9 +130,15 @@ class TrainConfig:
             raise HwqError(f"--fitness must be one of {FITNESS_MODES}")
         if (self.budget_evals is None) == (self.budget_minutes is None):
             raise HwqError("give exactly one of --budget-evals or --budget-minutes")
-        if (self.budget_evals or 1) <= 0 or (self.budget_minutes or 1) <= 0:
-            raise HwqError("the budget must be positive")
-        for name in ("fitness_images", "new_batch_every", "eval_every", "checkpoint_every"):
+        if (self.budget_evals is not None and self.budget_evals <= 0) or (
+            self.budget_minutes is not None and not self.budget_minutes > 0
+        ):
+            raise HwqError("the budget (--budget-evals or --budget-minutes) must be positive")
+        if not 2 <= self.mult_bits <= MAX_MULT_BITS:
+            raise HwqError(f"--mult-bits {self.mult_bits} is out of range [2, {MAX_MULT_BITS}]")
+        if self.seed < 0 or self.split_seed < 0:
+            raise HwqError("--seed and --split-seed must be non-negative")
+        for name in AT_LEAST_ONE:
             if getattr(self, name) < 1:
                 raise HwqError(f"--{name.replace('_', '-')} must be at least 1")
         if self.margin_clip <= 0:
@@ -139,10 +155,19 @@ class TrainConfig:
     def from_json(cls, d: dict) -> TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in d.items() if k in known}
-        values["eda"] = EDAConfig(**values.get("eda", {}))
-        if values.get("layers") is not None:
-            values["layers"] = tuple(values["layers"])
-        return cls(**values)
+        try:
+            values["eda"] = EDAConfig(**values.get("eda", {}))
+            if values.get("layers") is not None:
+                values["layers"] = tuple(values["layers"])
+            return cls(**values)
+        except TypeError as exc:
+            raise HwqError(f"not the configuration of an hwq train run ({exc})") from None
+
+    def with_absolute_paths(self) -> TrainConfig:
+        """Checkpoint and data as absolute paths, so the run resumes from any directory."""
+        return dataclasses.replace(
+            self, checkpoint=rundir.absolute_checkpoint(self.checkpoint), data=rundir.absolute_data(self.data)
+        )
 
 
 class _Run:
@@ -150,9 +175,17 @@ class _Run:
 
     def __init__(self, cfg: TrainConfig, resume: bool):
         cfg.validate()
-        self.cfg = cfg
+        self.cfg = cfg = cfg.with_absolute_paths()
         self.dir = Path(cfg.out)
-        self.check_run_dir(resume)
+        saved = self.check_run_dir(resume)
+        self.train = load_split(cfg.data, "train", cfg.val_fraction, cfg.split_seed)
+        self.val = load_split(cfg.data, "val", cfg.val_fraction, cfg.split_seed)
+        self.identify(saved)
+        self.saved_state = self.read_saved_state() if saved else None
+        if cfg.fitness_images > len(self.train):
+            raise HwqError(
+                f"--fitness-images {cfg.fitness_images} exceeds the {len(self.train)} training images"
+            )
         prepared = prepare(
             cfg.checkpoint,
             cfg.quant(),
@@ -164,13 +197,10 @@ class _Run:
             cfg.mult_bits,
         )
         self.initial = prepared.program
+        self.identity["initial_ir_sha256"] = program_digest(self.initial)
+        if saved:
+            check_identity(self.dir / STATE_FILE, self.saved_identity, self.identity)
         self.float_model = prepared.float_model
-        self.train = load_split(cfg.data, "train", cfg.val_fraction, cfg.split_seed)
-        self.val = load_split(cfg.data, "val", cfg.val_fraction, cfg.split_seed)
-        if cfg.fitness_images > len(self.train):
-            raise HwqError(
-                f"--fitness-images {cfg.fitness_images} exceeds the {len(self.train)} training images"
-            )
         with torch.no_grad():
             positions = weight_positions(prepared.qmodel, self.initial)
         self.space = search_space(self.initial, cfg, positions)
@@ -187,19 +217,35 @@ class _Run:
         self.elapsed = 0.0
         self.history: list[dict] = []
         self.best_val: dict | None = None
-        self.stop_requested = False
+        self.stopped_by: str | None = None
 
-    def check_run_dir(self, resume: bool) -> None:
-        state = self.dir / STATE_FILE
-        if resume:
-            if not state.exists():
-                raise HwqError(f"nothing to resume: {state} does not exist")
-            saved = json.loads((self.dir / "config.json").read_text())
-            differ = [k for k in RUN_DEFINING if saved.get(k) != self.cfg.defining()[k]]
-            if differ:
-                raise HwqError(f"--resume with settings that differ from the run's: {', '.join(differ)}")
-        elif state.exists():
-            raise HwqError(f"{self.dir} already holds a run; pass --resume or choose another --out")
+    def check_run_dir(self, resume: bool) -> dict | None:
+        """The saved configuration when resuming (whose settings must be this run's)."""
+        if not resume:
+            rundir.check_new_run_dir(self.dir)
+            return None
+        saved = rundir.read_run_config(self.dir)
+        rundir.check_same_settings(saved, self.cfg.defining())
+        rundir.check_inputs_exist(self.cfg.to_json())
+        return saved
+
+    def identify(self, saved: dict | None) -> None:
+        """What names this run in its state file: its id, and digests of its settings with
+        the checkpoint and images by content; on resume these must be the saved run's."""
+        self.checkpoint_sha256 = rundir.checkpoint_sha256(self.cfg.checkpoint)
+        self.data_sha256 = rundir.images_sha256(self.train, self.val)
+        if saved:
+            rundir.check_same_content(saved, self.cfg.to_json(), self.checkpoint_sha256, self.data_sha256)
+        self.run_id = saved["run_id"] if saved else uuid.uuid4().hex
+        digest = rundir.config_sha256(self.cfg.defining(), self.checkpoint_sha256, self.data_sha256)
+        self.identity = {"run_id": self.run_id, "config_sha256": digest}
+
+    def read_saved_state(self) -> dict:
+        """The state to resume, refused now (before the setup's work) if another run's; its
+        initial program is checked once lowered."""
+        state, self.saved_identity = read_state(self.dir / STATE_FILE)
+        check_identity(self.dir / STATE_FILE, self.saved_identity, self.identity)
+        return state
 
     # ----- state -------------------------------------------------------------------------
 
@@ -227,41 +273,52 @@ class _Run:
         return self.initial.with_weights(self.best_weights())
 
     def save_state(self) -> None:
+        teacher = self.targets.teacher
         state = {
             "search": self.search.state_dict(),
             "batch_rng": self.batch_rng.bit_generator.state,
             "batch": self.batch,
-            "teacher": self.targets.teacher,
+            "teacher": None if teacher is None else teacher.numpy(),
             "elapsed": self.elapsed,
             "evaluations": self.evaluator.evaluations,
             "macs": self.evaluator.macs,
             "history": self.history,
             "best_val": self.best_val,
         }
-        atomic_write_bytes(self.dir / STATE_FILE, pickle.dumps(state))
+        write_state(self.dir / STATE_FILE, state, self.identity)
 
-    def load_state(self) -> None:
-        with open(self.dir / STATE_FILE, "rb") as f:
-            state = pickle.load(f)
-        saved_fitness = state["search"]["best_fitness"]
-        self.search.load_state_dict(state["search"])
-        self.batch_rng.bit_generator.state = state["batch_rng"]
-        self.batch = state["batch"]
-        self.elapsed = state["elapsed"]
-        self.evaluator.evaluations, self.evaluator.macs = state["evaluations"], state["macs"]
-        self.history = state["history"]
-        self.best_val = state.get("best_val")
-        self.set_batch(state.get("teacher"))
+    def load_state(self, state: dict) -> None:
+        path = self.dir / STATE_FILE
+        try:
+            saved_fitness = state["search"]["best_fitness"]
+            self.search.load_state_dict(state["search"])
+            self.batch_rng.bit_generator.state = state["batch_rng"]
+            self.batch = np.asarray(state["batch"], dtype=np.int64)
+            self.elapsed = float(state["elapsed"])
+            self.evaluator.evaluations, self.evaluator.macs = int(state["evaluations"]), int(state["macs"])
+            self.history = state["history"]
+            self.best_val = state["best_val"]
+            teacher = None if state["teacher"] is None else torch.from_numpy(state["teacher"])
+            self.set_batch(teacher)
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise HwqError(f"{path} holds no state this hwq can resume ({type(exc).__name__})") from None
         if self.evaluator.set_solution(self.best_weights()) != saved_fitness:
-            raise HwqError(f"{self.dir / STATE_FILE} does not reproduce its own best fitness")
-        self.truncate_log(self.search.generation)
+            raise HwqError(f"{path} does not reproduce its own best fitness")
+        rundir.truncate_log(self.dir / LOG_FILE, self.search.generation)
 
-    def truncate_log(self, generation: int) -> None:
-        """Drop log lines written after the checkpoint (by a run that was then killed)."""
-        path = self.dir / "log.jsonl"
-        if path.exists():
-            lines = [ln for ln in path.read_text().splitlines() if json.loads(ln)["generation"] <= generation]
-            atomic_write_bytes(path, "".join(ln + "\n" for ln in lines).encode())
+    def write_config(self) -> None:
+        """config.json: the run's settings with absolute paths, the digests of its checkpoint
+        and images, and its id (rewritten on resume: the paths it now runs from)."""
+        write_json(
+            self.dir / CONFIG_FILE,
+            {
+                **self.cfg.to_json(),
+                "hwq_version": __version__,
+                "run_id": self.run_id,
+                "checkpoint_sha256": self.checkpoint_sha256,
+                "data_sha256": self.data_sha256,
+            },
+        )
 
     # ----- loop --------------------------------------------------------------------------
 
@@ -274,7 +331,7 @@ class _Run:
         return evaluate_program(self.best_program(), self.val).accuracy
 
     def log(self, entry: dict) -> None:
-        with open(self.dir / "log.jsonl", "a") as f:
+        with open(self.dir / LOG_FILE, "a") as f:
             f.write(json.dumps(entry) + "\n")
 
     def generation(self) -> dict:
@@ -295,28 +352,34 @@ class _Run:
         }
 
     def run(self) -> dict:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        resumed = (self.dir / STATE_FILE).exists()
-        if resumed:
-            self.load_state()
+        if self.saved_state is not None:
+            self.load_state(self.saved_state)
+            self.saved_state = None
+            self.write_config()
         else:
-            write_json(self.dir / "config.json", {**self.cfg.to_json(), "hwq_version": __version__})
+            self.write_config()
+            (self.dir / LOG_FILE).unlink(missing_ok=True)  # of an attempt that died before its first state
             save_program(self.initial, self.dir / "initial.ir")
             self.new_batch()
             self.record({"generation": 0, "best_fitness": int(self.search.best_fitness)}, evaluate=True)
             self.save_state()
-        previous = signal.signal(signal.SIGINT, self.request_stop)
-        try:
+        with signal_handler(STOP_SIGNALS, self.request_stop):
             self.loop()
-        finally:
-            signal.signal(signal.SIGINT, previous)
         self.save_state()
-        return self.finish()
+        summary = self.finish()
+        if self.stopped_by:
+            raise KeyboardInterrupt(
+                f"run incomplete: stopped by {self.stopped_by} at generation {self.search.generation} "
+                f"({self.evaluator.evaluations} evaluations), state saved; continue it with: "
+                f"hwq train --out {shlex.quote(str(self.dir.absolute()))} --resume"
+            )
+        return summary
 
-    def request_stop(self, *_: object) -> None:
-        if self.stop_requested:
+    def request_stop(self, signum: int, _frame: object) -> None:
+        """The first Ctrl-C or SIGTERM ends the run after its generation; a second one at once."""
+        if self.stopped_by:
             raise KeyboardInterrupt
-        self.stop_requested = True
+        self.stopped_by = signal.Signals(signum).name
 
     def loop(self) -> None:
         total = self.cfg.budget_evals or int(60 * self.cfg.budget_minutes)
@@ -328,7 +391,7 @@ class _Run:
             disable=None if self.cfg.progress else True,
             desc="cc-eda",
         )
-        while self.budget_left() and not self.stop_requested:
+        while self.budget_left() and not self.stopped_by:
             start = time.perf_counter()
             if self.search.generation > 0 and self.search.generation % self.cfg.new_batch_every == 0:
                 self.new_batch()
@@ -343,8 +406,6 @@ class _Run:
             bar.update(done() - bar.n)
             bar.set_postfix(fitness=entry["best_fitness"], val=self.last_val(), refresh=False)
         bar.close()
-        if self.stop_requested:
-            print(f"interrupted at generation {self.search.generation}; continue with --resume")
 
     def record(self, entry: dict, evaluate: bool) -> None:
         entry.update(
@@ -385,7 +446,7 @@ class _Run:
 
     def finish(self) -> dict:
         final = self.trained_program()
-        digest = save_program(final, self.dir / "final.ir")
+        save_program(final, self.dir / "final.ir")
         changed = int((self.search.best_values() != self.space.base).sum())
         summary = {
             "initial_val_accuracy": self.history[0]["val_accuracy"],
@@ -399,7 +460,7 @@ class _Run:
             "weights_changed": changed,
             "weights_searched": self.space.size,
             "final_ir": str(self.dir / "final.ir"),
-            "final_ir_sha256": digest,
+            "final_ir_sha256": file_sha256(self.dir / "final.ir"),  # of the bytes written: sha256sum agrees
             "best_val": {**self.best_val, "ir": str(self.dir / "best_val.ir")} if self.best_val else None,
             "complete": self.budget_left() is False,
         }
@@ -426,7 +487,31 @@ def logit_lsbs(program: Program, real: float) -> int:
     return max(1, round(real / program.tensors[program.output].scale))
 
 
+@contextmanager
+def signal_handler(signals: tuple[signal.Signals, ...], handler: Callable) -> Iterator[None]:
+    """`handler` for `signals` within the block (only the main thread may set handlers;
+    elsewhere the block runs with the process's own)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, handler) for s in signals}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
-    """Run (or continue) a training run; returns the summary written to summary.json."""
+    """Run (or continue) a training run; returns the summary written to summary.json.
+
+    The run directory is owned by this call (a second run there is refused). Stopped by
+    Ctrl-C or SIGTERM, the run saves its state and summary and raises KeyboardInterrupt,
+    whose message says how to continue it."""
     torch.set_grad_enabled(False)
-    return _Run(cfg, resume).run()
+    with signal_handler((signal.SIGTERM,), interrupt), DirectoryLock(cfg.out):
+        return _Run(cfg, resume).run()

@@ -6,8 +6,9 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .. import HwqError
 from ..data import DEFAULT_SPLIT_SEED, DEFAULT_VAL_FRACTION
+from ..flags import MULT_BITS, nonnegative_int, open_fraction, positive_int, torch_device
+from ..outdir import check_output_dir
 from ..quant import DEFAULT_CALIBRATION_IMAGES, DEFAULT_MULT_BITS
 
 if TYPE_CHECKING:
@@ -19,8 +20,6 @@ def sweep_config(args: argparse.Namespace) -> SweepConfig:
     from .sweep import FULL_GRID, SMALL_GRID, SweepConfig, parse_arrays, parse_int_list, parse_overflow
 
     grid = FULL_GRID if args.full else SMALL_GRID
-    if args.jobs is not None and args.jobs < 1:
-        raise HwqError("--jobs must be at least 1")
     return SweepConfig(
         checkpoint=args.checkpoint,
         out=args.out,
@@ -47,6 +46,8 @@ def sweep_config(args: argparse.Namespace) -> SweepConfig:
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
+    check_output_dir(args.out)
+    torch_device(args.device)
     from .sweep import sweep
 
     summary = sweep(sweep_config(args))
@@ -77,17 +78,27 @@ def add_sweep_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--area", action="append", help="CSV of python -m rtl_models.area (repeatable: one per overflow mode)"
     )
-    p.add_argument("--train-budget", type=int, help="also train each point with CC-EDA for N evaluations")
-    p.add_argument("--seed", type=int, default=0, help="seed of the CC-EDA training (default 0)")
-    p.add_argument("--jobs", type=int, help="lowered programs measured in parallel processes (default 1)")
     p.add_argument(
-        "--limit", type=int, help="accuracy on the first N val images (default small grid: 500; 0: all)"
+        "--train-budget", type=positive_int, help="also train each point with CC-EDA for N evaluations"
     )
-    p.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION, help="held-out share")
-    p.add_argument("--split-seed", type=int, default=DEFAULT_SPLIT_SEED, help="seed of the train/val split")
-    p.add_argument("--calibration-images", type=int, default=DEFAULT_CALIBRATION_IMAGES)
-    p.add_argument("--mult-bits", type=int, default=DEFAULT_MULT_BITS, help="requantization multiplier width")
-    p.add_argument("--batch", type=int, default=1, help="images per run in the timing model")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the CC-EDA training (default 0)")
+    p.add_argument(
+        "--jobs", type=positive_int, help="lowered programs measured in parallel processes (default 1)"
+    )
+    p.add_argument(
+        "--limit",
+        type=nonnegative_int,
+        help="accuracy on the first N val images (default small grid: 500; 0: all)",
+    )
+    p.add_argument("--val-fraction", type=open_fraction, default=DEFAULT_VAL_FRACTION, help="held-out share")
+    p.add_argument(
+        "--split-seed", type=nonnegative_int, default=DEFAULT_SPLIT_SEED, help="seed of the train/val split"
+    )
+    p.add_argument("--calibration-images", type=positive_int, default=DEFAULT_CALIBRATION_IMAGES)
+    p.add_argument(
+        "--mult-bits", type=MULT_BITS, default=DEFAULT_MULT_BITS, help="requantization multiplier width"
+    )
+    p.add_argument("--batch", type=positive_int, default=1, help="images per run in the timing model")
     p.add_argument("--device", default="cpu", help="torch device for accel_sim (cpu, cuda)")
     p.set_defaults(func=cmd_sweep)
 

@@ -22,6 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from .. import HwqError  # noqa: E402
+from ..outdir import check_output_dir  # noqa: E402
 from ..results import write_csv  # noqa: E402
 from .rows import RESULTS_FILE, read_results, training_curve  # noqa: E402
 
@@ -504,6 +505,7 @@ def build_tables(rows: list[dict], tables: Path, report: Report) -> dict[str, li
 
 def build_report(results: str | os.PathLike, out: str | os.PathLike) -> Report:
     """Write report.html, summary.md, figures/*.png|svg and tables/*.csv under `out`."""
+    check_output_dir(out)
     rows = load_rows(results)
     report = Report(Path(out))
     figures, tables = report.out / "figures", report.out / "tables"
@@ -519,6 +521,7 @@ def build_report(results: str | os.PathLike, out: str | os.PathLike) -> Report:
 def build_training_report(run_dirs: list[str], out: str | os.PathLike) -> Report:
     """The training curve alone (figures/training_curve.*, tables/training.csv) of one or
     more `hwq train` run directories, for runs made outside a sweep."""
+    check_output_dir(out)
     curves = run_directory_curves(run_dirs)
     report = Report(Path(out))
     (report.out / "figures").mkdir(parents=True, exist_ok=True)

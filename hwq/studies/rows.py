@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from accel_sim.ir import atomic_write_bytes
@@ -50,17 +51,22 @@ def drop_truncated_tail(path: Path) -> None:
         atomic_write_bytes(path, data[: data.rfind(b"\n") + 1])
 
 
-def append_rows(path: Path, rows: list[dict]) -> None:
+def append_rows(path: Path, rows: list[dict], unless: Callable[[dict], bool] | None = None) -> list[dict]:
     """One write of whole lines, under a lock (workers append concurrently), then fsync:
-    once this returns, the rows survive a kill or a power cut."""
-    data = "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows).encode()
+    once this returns, the rows survive a kill or a power cut. With `unless`, a row whose
+    key already has a row in the file that `unless` accepts is left out (checked under the
+    lock, so no two writers both add it). Returns the rows written."""
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        os.write(fd, data)
+        if unless is not None:
+            present = {row["key"]: row for row in read_results(path)}
+            rows = [row for row in rows if not (row["key"] in present and unless(present[row["key"]]))]
+        os.write(fd, "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows).encode())
         os.fsync(fd)
     finally:
         os.close(fd)
+    return rows
 
 
 def training_curve(run_dir: Path, summary: dict, max_points: int = 400) -> list[dict]:

@@ -9,7 +9,9 @@ of the same program, and its area from Yosys results of the MAC array when given
 
 The results file (`results.jsonl`, one JSON object per row) is the sweep's only state:
 rows are appended and fsynced as each point finishes, so a killed sweep loses at most the
-points in flight, and a rerun skips every point whose rows are present. Points that share
+points in flight, and a rerun skips every point whose rows are present. One sweep at a
+time owns its directory, its worker processes die with it, and a row is never appended
+for a key that already has a finished one, so the file holds each point once. Points that share
 (weight bits, activation bits, per-channel) share one lowered program: the accumulator
 only changes `Program.with_accumulator`, which needs no re-lowering.
 """
@@ -17,10 +19,14 @@ only changes `Program.with_accumulator`, which needs no re-lowering.
 from __future__ import annotations
 
 import csv
+import ctypes
 import dataclasses
 import json
 import os
 import platform
+import signal
+import sys
+import threading
 import time
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
@@ -47,6 +53,7 @@ from accel_sim.timing import program_timing
 
 from .. import HwqError, __version__
 from ..data import DEFAULT_SPLIT_SEED, DEFAULT_VAL_FRACTION, Dataset, load_split
+from ..outdir import DirectoryLock, check_output_dir, remove_stale_temp_files
 from ..quant import DEFAULT_BATCH, DEFAULT_CALIBRATION_IMAGES
 from ..quant.evaluate import ModeResult, evaluate_program, prepare
 from ..quant.model import QuantConfig, resolve_checkpoint
@@ -287,15 +294,25 @@ def load_area(paths: Iterable[str]) -> list[dict]:
     """Rows of `python -m rtl_models.area` CSV files (several may be given, e.g. one per
     overflow mode)."""
     rows: list[dict] = []
+    need = {"flavour", "rows", "cols", "weight_bits", "act_bits", "acc_bits", "cells"}
     for p in paths:
         try:
-            with open(p, newline="") as f:
-                rows.extend(csv.DictReader(f))
-        except (OSError, UnicodeDecodeError, csv.Error) as exc:  # missing, binary, NUL bytes
-            raise HwqError(f"cannot read area file {p} ({getattr(exc, 'strerror', None) or exc})") from None
-    need = {"flavour", "rows", "cols", "weight_bits", "act_bits", "acc_bits", "cells"}
-    if rows and not need <= set(rows[0]):
-        raise HwqError(f"area files must have the columns of rtl_models.area: {sorted(need)}")
+            with open(p, newline="", encoding="utf-8") as f:
+                found = list(csv.DictReader(f))
+        except OSError as exc:
+            raise HwqError(f"cannot read area file {p} ({exc.strerror})") from None
+        except (UnicodeDecodeError, csv.Error):
+            raise HwqError(f"area file {p} is not a CSV text file") from None
+        if found and not need <= set(found[0]):
+            raise HwqError(f"area file {p} lacks the columns of rtl_models.area: {sorted(need)}")
+        for number, row in enumerate(found, 2):
+            try:
+                [_int(row[k]) for k in ("rows", "cols", "weight_bits", "act_bits", "acc_bits")]
+            except (TypeError, ValueError):
+                raise HwqError(
+                    f"area file {p} line {number} has a width or size that is not an integer"
+                ) from None
+        rows.extend(found)
     return rows
 
 
@@ -430,7 +447,8 @@ def timing_fields(program: Program, hw: Accelerator, batch: int, result: ModeRes
 def train_point(ctx: Context, point: Point, ds: Dataset) -> dict:
     """CC-EDA on the point's arithmetic; resumes the run directory an earlier, interrupted
     sweep left, and re-measures the final program on the sweep's own images."""
-    from ..search.train import TrainConfig, train  # the trainer is needed only with --train-budget
+    from ..search.rundir import STATE_FILE  # the trainer is needed only with --train-budget
+    from ..search.train import TrainConfig, train
 
     cfg = ctx.cfg
     run_dir = Path(cfg.out) / "train" / f"{point.name}-e{cfg.train_budget}-s{cfg.seed}"
@@ -455,9 +473,7 @@ def train_point(ctx: Context, point: Point, ds: Dataset) -> dict:
             progress=False,
             **cfg.train_overrides,
         )
-        summary = train(tcfg, resume=(run_dir / "state.pkl").exists())
-        if not summary.get("complete", True):  # Ctrl-C stopped it; the next sweep resumes it
-            raise KeyboardInterrupt
+        summary = train(tcfg, resume=(run_dir / STATE_FILE).exists())  # Ctrl-C: the next sweep resumes it
     final = load_program(summary["final_ir"])
     result = evaluate_program(final, ds, cfg.batch_size, cfg.device)
     return {
@@ -540,14 +556,38 @@ def run_group(ctx: Context, group: tuple[int, int, bool], points: list[Point]) -
         raise HwqError("the val split is empty")
     for point in points:
         rows = point_rows(ctx, prepared.program, ir, ds, point)
-        append_rows(cfg.results_path, rows)
+        rows = append_rows(cfg.results_path, rows, unless=lambda row: is_done(row, cfg))
         if cfg.progress:
             for row in rows:
                 print(f"  {describe(row)}", flush=True)
     return len(points)
 
 
-def _init_worker(threads: int) -> None:
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent: int) -> None:
+    """A worker must not outlive its sweep (it would go on appending rows, then wait forever
+    for work): on Linux the kernel kills it when the parent dies, even by SIGKILL
+    (prctl PR_SET_PDEATHSIG); elsewhere a thread watches the parent's PID."""
+    armed = False
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        armed = libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+    if not armed:
+        threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+    if os.getppid() != parent:  # it died before the signal was asked for
+        os._exit(1)
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1)
+    os._exit(1)
+
+
+def _init_worker(threads: int, parent: int) -> None:
+    die_with_parent(parent)
     torch.set_num_threads(threads)
 
 
@@ -583,8 +623,10 @@ def pending_groups(
 
 
 def sweep(cfg: SweepConfig) -> SweepSummary:
-    """Measure every pending point of the grid; returns what was done and skipped."""
+    """Measure every pending point of the grid; returns what was done and skipped. The
+    directory is owned by this call: a second sweep there is refused."""
     cfg.validate()
+    check_output_dir(cfg.out)
     base = load_accelerator(cfg.hw)
     arrays = array_sizes(cfg, base)
     fixed = cfg.fixed(base)
@@ -593,9 +635,17 @@ def sweep(cfg: SweepConfig) -> SweepSummary:
     resolve_checkpoint(cfg.checkpoint)  # fail now on a mistyped path, not in a worker
     if len(load_split(cfg.data, "val", cfg.val_fraction, cfg.split_seed)) == 0:
         raise HwqError("the val split is empty")
+    ctx = Context(cfg, base, arrays, area, fixed)
+    with DirectoryLock(cfg.out):
+        return measure_pending(ctx, points, skipped)
+
+
+def measure_pending(ctx: Context, points: list[Point], skipped: list[Point]) -> SweepSummary:
+    """The sweep proper, in the directory this process owns."""
+    cfg, arrays = ctx.cfg, ctx.arrays
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    check_settings(out, fixed)
+    remove_stale_temp_files(out / "ir")
+    check_settings(out, ctx.fixed)
     drop_truncated_tail(cfg.results_path)
     done = {row["key"]: row for row in read_results(cfg.results_path)} if cfg.results_path.exists() else {}
     groups = pending_groups(points, arrays, done, cfg)
@@ -606,7 +656,6 @@ def sweep(cfg: SweepConfig) -> SweepSummary:
             f"{todo} to measure in {len(groups)} lowered program(s); results in {cfg.results_path}",
             flush=True,
         )
-    ctx = Context(cfg, base, arrays, area, fixed)
     if cfg.jobs == 1 or len(groups) <= 1:
         measured = sum(run_group(ctx, g, p) for g, p in groups.items())
     else:
@@ -619,6 +668,6 @@ def run_parallel(ctx: Context, groups: dict[tuple[int, int, bool], list[Point]])
     so that torch's thread pools do not oversubscribe them."""
     jobs = min(ctx.cfg.jobs, len(groups))
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    with ProcessPoolExecutor(jobs, get_context("spawn"), _init_worker, (threads,)) as pool:
+    with ProcessPoolExecutor(jobs, get_context("spawn"), _init_worker, (threads, os.getpid())) as pool:
         futures = [pool.submit(_run_group_in_worker, ctx, g, p) for g, p in groups.items()]
         return sum(f.result() for f in futures)
