@@ -10,6 +10,7 @@ candidates and weights as a run that was never interrupted.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import pickle
 import signal
@@ -31,6 +32,7 @@ from ..quant.model import QuantConfig
 from ..results import write_json
 from . import FITNESS_MODES
 from .cceda import CCEDA, EDAConfig, SearchSpace
+from .distributed import require_ray, validate_settings
 from .evaluator import (
     BrevitasEvaluator,
     Evaluator,
@@ -102,6 +104,9 @@ class TrainConfig:
     layers: tuple[str, ...] | None = None
     device: str = "cpu"
     compile: bool = False
+    workers: int | None = None  # Ray actors the fitness is spread over (None: in process)
+    ray_address: str | None = None  # an existing Ray cluster (None: a local Ray)
+    cpus_per_worker: int | None = None
     progress: bool = True
 
     def quant(self) -> QuantConfig:
@@ -127,6 +132,9 @@ class TrainConfig:
                 raise HwqError(f"--{name.replace('_', '-')} must be at least 1")
         if self.margin_clip <= 0:
             raise HwqError("--margin-clip must be positive")
+        validate_settings(self.workers, self.ray_address, self.cpus_per_worker, self.target)
+        if self.workers is not None:
+            require_ray()
 
     def to_json(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -180,7 +188,8 @@ class _Run:
         if cfg.target == "brevitas":
             self.evaluator = BrevitasEvaluator(prepared.qmodel, self.initial, self.fitness)
         else:
-            self.evaluator = SimEvaluator(self.initial, self.fitness, cfg.device, cfg.compile)
+            make = functools.partial(SimEvaluator, self.initial, self.fitness, cfg.device, cfg.compile)
+            self.evaluator = make() if cfg.workers is None else self.ray_evaluator(make)
         self.batch_rng = np.random.default_rng([cfg.seed, 1])
         self.batch = np.empty(0, dtype=np.int64)
         self.targets = Targets(torch.empty(0, dtype=torch.int64))
@@ -188,6 +197,21 @@ class _Run:
         self.history: list[dict] = []
         self.best_val: dict | None = None
         self.stop_requested = False
+
+    def ray_evaluator(self, make: functools.partial[SimEvaluator]) -> Evaluator:
+        from .distributed import RayEvaluator
+
+        gpus = 0 if self.cfg.device == "cpu" else 1
+        return RayEvaluator(
+            make, self.fitness, self.cfg.workers, self.cfg.ray_address, self.cfg.cpus_per_worker, gpus
+        )
+
+    def close(self) -> None:
+        """Release what the evaluator holds (a distributed one: its Ray actors, and Ray if it
+        started it)."""
+        close = getattr(self.evaluator, "close", None)
+        if close is not None:
+            close()
 
     def check_run_dir(self, resume: bool) -> None:
         state = self.dir / STATE_FILE
@@ -429,4 +453,8 @@ def logit_lsbs(program: Program, real: float) -> int:
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
     """Run (or continue) a training run; returns the summary written to summary.json."""
     torch.set_grad_enabled(False)
-    return _Run(cfg, resume).run()
+    run = _Run(cfg, resume)
+    try:
+        return run.run()
+    finally:
+        run.close()
