@@ -317,6 +317,8 @@ class RayEvaluator(Evaluator):
             ) from None
         except self.ray.exceptions.RayTaskError as exc:
             raise exc.cause from None
+        except self.ray.exceptions.RayActorError as exc:  # its constructor failed
+            raise HwqError(f"the Ray workers did not start: {first_line(exc)}") from None
 
     def pids(self) -> list[int]:
         """The worker processes' ids (what a test kills)."""
