@@ -46,6 +46,7 @@ demo: install
 bench: install
 	$(BIN)/python bench/bench_functional.py $(DATA_FLAG) --checkpoint $(CHECKPOINT)
 	$(BIN)/python bench/bench_fitness.py $(DATA_FLAG) --checkpoint $(CHECKPOINT)
+	$(BIN)/python bench/bench_scale.py $(DATA_FLAG) --checkpoint $(CHECKPOINT)
 
 lint: install
 	$(BIN)/ruff check .

@@ -1,5 +1,9 @@
 """Images/s of accel_sim's bit-exact ResNet-20 against float PyTorch, Brevitas and onnxruntime.
 
+onnxruntime runs the float export and its own int8 model of it (W8A8, QOperator format,
+calibrated on training images): the strongest integer inference on a CPU, the peer a
+simulator that computes the integers exactly is measured against.
+
 All engines run in this one process on the same images, in the same batch size, after a
 warm-up; each is timed over several repetitions and the best is kept (the least disturbed
 by the machine). The ratio column is engine / float PyTorch.
@@ -40,12 +44,11 @@ def best_rate(run: Callable[[torch.Tensor], object], images: torch.Tensor, batch
     return len(images) / best
 
 
-def onnx_runner(model: torch.nn.Module, batch: int) -> Callable[[torch.Tensor], object] | None:
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return None
-    path = Path(tempfile.mkdtemp()) / "resnet20.onnx"
+INT8 = "onnxruntime int8 W8A8 (QOperator)"
+
+
+def export_onnx(model: torch.nn.Module, batch: int, folder: Path) -> Path:
+    path = folder / "resnet20.onnx"
     example = torch.zeros(batch, 3, 32, 32)
     torch.onnx.export(
         model,
@@ -56,10 +59,59 @@ def onnx_runner(model: torch.nn.Module, batch: int) -> Callable[[torch.Tensor], 
         dynamic_axes={"x": {0: "n"}},
         dynamo=False,
     )
+    return path
+
+
+def ort_runner(path: Path) -> Callable[[torch.Tensor], object]:
+    import onnxruntime as ort
+
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = torch.get_num_threads()
     session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     return lambda x: session.run(None, {"x": x.float().numpy()})
+
+
+def quantize_int8(path: Path, calibration: torch.Tensor, batch: int) -> Path:
+    """onnxruntime's own W8A8 model of the same float export: QOperator format (QLinearConv
+    kernels), per-tensor int8 weights, uint8 activations, min-max calibrated on training images."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Images(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.chunks = iter(calibration.split(batch))
+
+        def get_next(self) -> dict | None:
+            chunk = next(self.chunks, None)
+            return None if chunk is None else {"x": chunk.float().numpy()}
+
+    prepared = path.with_name("resnet20.pre.onnx")
+    quant_pre_process(str(path), str(prepared))
+    out = path.with_name("resnet20.int8.onnx")
+    quantize_static(
+        str(prepared),
+        str(out),
+        Images(),
+        quant_format=QuantFormat.QOperator,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+    )
+    return out
+
+
+def onnx_engines(
+    model: torch.nn.Module, batch: int, calibration: torch.Tensor
+) -> dict[str, Callable[[torch.Tensor], object]]:
+    """onnxruntime float and int8 (W8A8), from one export; none when onnxruntime is missing."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return {}
+    path = export_onnx(model, batch, Path(tempfile.mkdtemp()))
+    return {
+        "onnxruntime float": ort_runner(path),
+        INT8: ort_runner(quantize_int8(path, calibration, batch)),
+    }
 
 
 def main() -> None:
@@ -73,6 +125,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--wbits", type=int, default=4)
     parser.add_argument("--abits", type=int, default=8)
+    parser.add_argument("--calibration-images", type=int, default=512, help="onnxruntime int8 calibration")
     args = parser.parse_args()
 
     cfg = QuantConfig(args.wbits, args.abits)
@@ -97,9 +150,8 @@ def main() -> None:
         f"accel_sim W{args.wbits}A{args.abits} compiled": fused.run,
         f"Brevitas W{args.wbits}A{args.abits} fake-quant": no_grad(prepared.qmodel),
     }
-    ort = onnx_runner(prepared.float_model, args.batch)
-    if ort is not None:
-        engines["onnxruntime float"] = ort
+    calibration = load_split(args.data, "train").images[: args.calibration_images]
+    engines |= onnx_engines(prepared.float_model, args.batch, calibration)
     print(
         f"{len(images)} CIFAR-10 images, batch {args.batch}, {torch.get_num_threads()} threads, "
         f"best of {args.repeats}; accel_sim compiled after a one-time {compile_seconds:.1f} s compilation"
@@ -109,6 +161,16 @@ def main() -> None:
     print(f"{'engine':<36} {'images/s':>10} {'vs float PyTorch':>18}")
     for name, rate in rates.items():
         print(f"{name:<36} {rate:>10.0f} {rate / base:>17.2f}x")
+    if INT8 in engines:
+        print(f"{INT8}: top-1 agreement with float PyTorch {100 * int8_agreement(engines, images):.2f} %")
+
+
+def int8_agreement(engines: dict[str, Callable[[torch.Tensor], object]], images: torch.Tensor) -> float:
+    """Shows the int8 model is the network, not a fast wrong one."""
+    with torch.no_grad():
+        reference = engines["float PyTorch"](images).argmax(1)
+    int8 = torch.as_tensor(engines[INT8](images)[0]).argmax(1)
+    return float((int8 == reference).double().mean())
 
 
 if __name__ == "__main__":

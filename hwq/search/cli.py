@@ -190,4 +190,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     r.add_argument("--device", help="torch device of the evaluator (default cpu)")
     r.add_argument("--compile", action="store_true", default=None, help="fuse requant with torch.compile")
+    d = p.add_argument_group("distributed (docs/distributed.md; pip install 'hwq[distributed]')")
+    d.add_argument("--workers", type=int, help="spread each generation's fitness over N Ray workers")
+    d.add_argument(
+        "--ray-address",
+        help="join the Ray cluster at auto, HOST:PORT or ray://HOST:PORT (default: start a local Ray)",
+    )
+    d.add_argument(
+        "--cpus-per-worker", type=int, help="CPUs per worker (default: local cores / N; on a cluster 1)"
+    )
     p.set_defaults(func=cmd_train)

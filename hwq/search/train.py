@@ -12,6 +12,7 @@ its generation, saves it and raises KeyboardInterrupt saying how to continue it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import shlex
 import signal
@@ -38,6 +39,7 @@ from ..quant.model import QuantConfig, file_sha256
 from ..results import write_json
 from . import FITNESS_MODES, rundir
 from .cceda import CCEDA, EDAConfig, SearchSpace
+from .distributed import require_ray, validate_settings
 from .evaluator import (
     BrevitasEvaluator,
     Evaluator,
@@ -112,6 +114,9 @@ class TrainConfig:
     layers: tuple[str, ...] | None = None
     device: str = "cpu"
     compile: bool = False
+    workers: int | None = None  # Ray actors the fitness is spread over (None: in process)
+    ray_address: str | None = None  # an existing Ray cluster (None: a local Ray)
+    cpus_per_worker: int | None = None
     progress: bool = True
 
     def quant(self) -> QuantConfig:
@@ -143,6 +148,9 @@ class TrainConfig:
                 raise HwqError(f"--{name.replace('_', '-')} must be at least 1")
         if self.margin_clip <= 0:
             raise HwqError("--margin-clip must be positive")
+        validate_settings(self.workers, self.ray_address, self.cpus_per_worker, self.target)
+        if self.workers is not None:
+            require_ray()
 
     def to_json(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -210,7 +218,8 @@ class _Run:
         if cfg.target == "brevitas":
             self.evaluator = BrevitasEvaluator(prepared.qmodel, self.initial, self.fitness)
         else:
-            self.evaluator = SimEvaluator(self.initial, self.fitness, cfg.device, cfg.compile)
+            make = functools.partial(SimEvaluator, self.initial, self.fitness, cfg.device, cfg.compile)
+            self.evaluator = make() if cfg.workers is None else self.ray_evaluator(make)
         self.batch_rng = np.random.default_rng([cfg.seed, 1])
         self.batch = np.empty(0, dtype=np.int64)
         self.targets = Targets(torch.empty(0, dtype=torch.int64))
@@ -246,6 +255,21 @@ class _Run:
         state, self.saved_identity = read_state(self.dir / STATE_FILE)
         check_identity(self.dir / STATE_FILE, self.saved_identity, self.identity)
         return state
+
+    def ray_evaluator(self, make: functools.partial[SimEvaluator]) -> Evaluator:
+        from .distributed import RayEvaluator
+
+        gpus = 0 if self.cfg.device == "cpu" else 1
+        return RayEvaluator(
+            make, self.fitness, self.cfg.workers, self.cfg.ray_address, self.cfg.cpus_per_worker, gpus
+        )
+
+    def close(self) -> None:
+        """Release what the evaluator holds (a distributed one: its Ray actors, and Ray if it
+        started it)."""
+        close = getattr(self.evaluator, "close", None)
+        if close is not None:
+            close()
 
     # ----- state -------------------------------------------------------------------------
 
@@ -514,4 +538,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     whose message says how to continue it."""
     torch.set_grad_enabled(False)
     with signal_handler((signal.SIGTERM,), interrupt), DirectoryLock(cfg.out):
-        return _Run(cfg, resume).run()
+        run = _Run(cfg, resume)
+        try:
+            return run.run()
+        finally:
+            run.close()
