@@ -3,6 +3,8 @@ accel_sim's integers on every logit and every activation tensor."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -229,6 +231,22 @@ def test_products_beyond_float32_are_refused():
         export_qonnx(Program(wider, [big], "input", "y", Accumulator(40, "wrap")))
 
 
+def test_names_that_collide_with_derived_ones_are_refused():
+    from hwq import HwqError
+
+    program = small_program()
+    spec = program.tensors["a"]
+    renamed = {**program.tensors, "a": TensorSpec("input.centered", spec.shape, spec.bits, False, scale=0.1)}
+    renamed["input.centered"] = renamed.pop("a")
+    ops = [replace(op, output="input.centered") if op.name == "conv_a" else op for op in program.ops]
+    ops = [replace(op, input="input.centered") if op.name == "conv_b" else op for op in ops]
+    conv_b = ops[1]
+    residual = replace(conv_b.requant.residual, input="input.centered")
+    ops[1] = replace(conv_b, requant=replace(conv_b.requant, residual=residual))
+    with pytest.raises(HwqError, match="'input.centered' would be used twice"):
+        export_qonnx(Program(renamed, ops, "input", "logits"))
+
+
 @pytest.mark.parametrize(
     "cfg,accumulator,images",
     [
@@ -317,6 +335,7 @@ def test_bad_export_inputs_give_one_line_errors(tmp_path, capsys):
     )
     assert "is not a directory" in one_line_error(capsys, "--ir", str(ir), "--out", str(a_file / "m.onnx"))
     assert "is a directory" in one_line_error(capsys, "--ir", str(ir), "--out", str(tmp_path))
+    assert "needs --data" in one_line_error(capsys, "--ir", str(ir), "--out", str(out), "--check-images", "4")
     saturating = tmp_path / "sat.ir"
     save_program(small_program(Accumulator(12, "saturate")), saturating)
     assert "can overflow" in one_line_error(capsys, "--ir", str(saturating), "--out", str(out))

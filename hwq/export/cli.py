@@ -49,8 +49,8 @@ def import_exporter():
 def cmd_export(args: argparse.Namespace) -> None:
     if args.format not in FORMATS:
         raise HwqError(f"unknown export format {args.format!r} (known: {', '.join(FORMATS)})")
-    if args.limit is not None and args.limit < 1:
-        raise HwqError(f"--check-images {args.limit} must be at least 1")
+    if args.limit is not None and (args.limit < 1 or not args.data):
+        raise HwqError(f"--check-images {args.limit} needs --data and at least 1 image")
     out = writable_target(args.out)
     exporter = import_exporter()
     program = program_from_args(args)

@@ -129,14 +129,27 @@ class _Graph:
         self.initializers: dict[str, np.ndarray] = {}
         self.datatypes: dict[str, str] = {}
         self.casts: dict[str, str] = {}
+        self.names: set[str] = set()
+
+    def claim(self, name: str) -> str:
+        """Every graph tensor is named once (ONNX's single assignment); an IR whose names
+        collide with the exporter's derived names (such as `x.centered`) is refused."""
+        if name in self.names:
+            raise HwqError(
+                f"tensor name {name!r} would be used twice in the QONNX graph; rename it in the IR"
+            )
+        self.names.add(name)
+        return name
 
     def const(self, name: str, value: np.ndarray) -> str:
-        self.initializers[name] = np.asarray(value)
+        self.initializers[self.claim(name)] = np.asarray(value)
         return name
 
     def node(self, op_type: str, inputs: list[str], output: str, domain: str = "", **attrs) -> str:
         self.nodes.append(
-            helper.make_node(op_type, inputs, [output], name=f"{output}/{op_type}", domain=domain, **attrs)
+            helper.make_node(
+                op_type, inputs, [self.claim(output)], name=f"{output}/{op_type}", domain=domain, **attrs
+            )
         )
         return output
 
@@ -479,9 +492,9 @@ class QonnxExporter:
         _need_exact(max(-y_lo, y_hi), False, f"tensor {name!r}", "the output (qonnx's Quant returns float32)")
         inputs = [
             f"{name}.v",
-            self.g.const(f"{name}.scale", np.array(1.0, dtype=np.float32)),
-            self.g.const(f"{name}.zero_point", np.array(0.0, dtype=np.float32)),
-            self.g.const(f"{name}.bits", np.array(float(out.bits), dtype=np.float32)),
+            self.g.const(f"{name}.quant_scale", np.array(1.0, dtype=np.float32)),
+            self.g.const(f"{name}.quant_zero_point", np.array(0.0, dtype=np.float32)),
+            self.g.const(f"{name}.quant_bits", np.array(float(out.bits), dtype=np.float32)),
         ]
         self.g.node(
             "Quant",
@@ -506,7 +519,7 @@ class QonnxExporter:
     def build(self) -> ModelWrapper:
         p = self.program
         image = p.tensors[p.input]
-        self.values[p.input] = self.activation(image)
+        self.values[self.g.claim(p.input)] = self.activation(image)
         self.g.datatypes[p.input] = _datatype(image.qmin, image.qmax)
         for op in p.ops:
             self.op(op)
@@ -536,6 +549,8 @@ class QonnxExporter:
     def rename_output(self, new: str) -> None:
         """The last op wrote the program output; it becomes the 4-D tensor before Flatten."""
         old = self.program.output
+        self.g.names.discard(old)
+        self.g.claim(new)
         for node in self.g.nodes:
             node.output[:] = [new if o == old else o for o in node.output]
             node.input[:] = [new if i == old else i for i in node.input]
