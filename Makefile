@@ -14,7 +14,7 @@ DEMO_EVALS ?= 2000
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || python3 -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,distributed,export]'
 	touch $(STAMP)
 
 install: $(STAMP)

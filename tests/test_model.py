@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from accel_sim.functional import FunctionalSim
 from hwq import HwqError
+from hwq.quant.evaluate import layer_lsb_differences
 from hwq.quant.lower import lower
-from hwq.quant.model import QuantConfig, ResNetCifar, calibrate, load_float_model, quantize_model
+from hwq.quant.model import (
+    CIFAR_MEAN,
+    QuantConfig,
+    ResNetCifar,
+    calibrate,
+    input_zero_points,
+    load_float_model,
+    quantize_model,
+)
 
-from .helpers import random_resnet, write_checkpoint
+from .helpers import SHARED, calibration_images, random_resnet, write_checkpoint
+from .reference_datapath import run_reference
 
 
 def test_checkpoint_with_module_prefix_and_plain_state_dict_load_the_same(tmp_path):
@@ -67,16 +78,105 @@ def test_bit_widths_out_of_range_are_named(field, value):
         cfg.validate()
 
 
-@pytest.mark.parametrize("depth", [32, 44, 56])
-def test_deeper_resnets_lower_and_run(depth):
-    torch.manual_seed(depth)
-    cfg = QuantConfig(4, 8, per_channel=True, first_wbits=8, last_wbits=8)
-    qmodel = quantize_model(ResNetCifar(depth).eval(), cfg)
-    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+def bn_statistics_from(model: ResNetCifar, images: torch.Tensor) -> ResNetCifar:
+    """Random conv weights with the BatchNorm statistics of real activations (one batch),
+    so every layer sees a realistic, per-channel scale and shift."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None
+    model.train()
+    with torch.no_grad():
+        model(images)
+    return model.eval()
+
+
+def deep_program(model: ResNetCifar, cfg: QuantConfig, images: torch.Tensor):
+    """The calibrated Brevitas network and its integer program."""
+    qmodel = quantize_model(model, cfg)
     calibrate(qmodel, images)
-    program = lower(qmodel, cfg)
+    return qmodel, lower(qmodel, cfg)
+
+
+@pytest.mark.parametrize("depth", [32, pytest.param(56, marks=pytest.mark.slow)])
+def test_deeper_resnet_runs_bit_exactly_against_the_reference(depth):
+    """The whole lowered network, every element of every tensor, against the plain int64
+    implementation of docs/datapath.md (the real checkpoints from ../shared when present)."""
+    path = SHARED / "models" / {32: "resnet32-d509ac18.th", 56: "resnet56-4bfd9763.th"}[depth]
+    if path.exists():
+        model = load_float_model(str(path))
+    else:
+        torch.manual_seed(depth)
+        model = bn_statistics_from(ResNetCifar(depth), calibration_images()[:64])
+    cfg = QuantConfig(4, 8, per_channel=True, first_wbits=8, last_wbits=8)
+    _, program = deep_program(model, cfg, calibration_images()[:32])
     convs = program.conv_ops()
     assert len(convs) == depth  # stem, 2 per block (3 stages x (depth-2)/6 blocks), classifier
     assert convs[0].weight_bits == 8 and convs[-1].weight_bits == 8 and convs[1].weight_bits == 4
-    logits = FunctionalSim(program).run(images).logits
-    assert logits.shape == (16, 10)
+    images = calibration_images()[-3:]
+    got = FunctionalSim(program).run(images, record=True)
+    want = run_reference(program, images.numpy())
+    for name, ref in want.items():
+        np.testing.assert_array_equal(got.activations[name].numpy(), ref, err_msg=f"tensor {name}")
+
+
+def relative_error(x: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((x.double() - reference.double()).norm() / reference.double().norm())
+
+
+def quantized_errors(
+    model: ResNetCifar, qmodel: ResNetCifar, program, images: torch.Tensor
+) -> tuple[float, float]:
+    """Relative L2 logit error of Brevitas and of accel_sim against the float network.
+
+    The float network is fed the input the integer program sees: its per-channel mean
+    rounded to the integer zero point (a shift of under half a pixel level), so what is
+    left is the error of quantizing weights and activations alone.
+    """
+    shift = torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1) * 255 - torch.tensor(input_zero_points()).view(
+        1, 3, 1, 1
+    )
+    with torch.no_grad():
+        reference = model(images.float() + shift)
+        brevitas = qmodel(images)
+    sim = FunctionalSim(program).run(images).logits * program.tensors[program.output].scale
+    return relative_error(brevitas, reference), relative_error(sim, reference)
+
+
+@pytest.mark.parametrize("depth", [pytest.param(44, marks=pytest.mark.slow), 56])
+def test_deeper_resnets_compute_brevitas_per_op_and_the_float_network_within_its_error(depth):
+    """At depth 44 and 56 (random weights): each integer op computes Brevitas' op to 1 LSB
+    when both get the same input (rounding of fixed-point multipliers and ties; the 32-bit
+    logits also carry the multiplier's relative precision), and the integer program's logits
+    are as close to the float network as Brevitas' own: the quantization error, nothing more."""
+    torch.manual_seed(depth)
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    model = bn_statistics_from(ResNetCifar(depth), images)
+    cfg = QuantConfig(8, 8, per_channel=True)
+    qmodel, program = deep_program(model, cfg, images)
+    assert len(program.conv_ops()) == depth
+    local = layer_lsb_differences(qmodel, program, images[:2])["local"]
+    logits = FunctionalSim(program).run(images[:2]).logits
+    logit_tolerance = 1 + float(logits.abs().max()) * 2.0 ** -(program.mult_bits - 1)
+    assert max(v for k, v in local.items() if k != program.output) <= 1, local
+    assert local[program.output] <= logit_tolerance, (local[program.output], logit_tolerance)
+    brevitas_error, sim_error = quantized_errors(model, qmodel, program, images)
+    assert sim_error <= 1.5 * brevitas_error, (sim_error, brevitas_error)
+
+
+@pytest.mark.slow
+def test_quantization_error_of_resnet56_falls_with_the_step():
+    """What makes the difference to the float network quantization error: it shrinks with
+    the quantization step (first order: in proportion, 4x from 6 to 8 bits; at least 2x
+    asked, for clipping at the calibrated ranges)."""
+    torch.manual_seed(56)
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    model = bn_statistics_from(ResNetCifar(56), images)
+    coarse, fine = (
+        quantized_errors(
+            model, *deep_program(model, QuantConfig(bits, bits, per_channel=True), images), images
+        )
+        for bits in (6, 8)
+    )
+    for c, f in zip(coarse, fine, strict=True):
+        assert f < c / 2, (coarse, fine)
