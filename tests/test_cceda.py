@@ -21,6 +21,7 @@ from hwq.search.cceda import (
     updated_probabilities,
 )
 from hwq.search.evaluator import IntegerFitness, SimEvaluator, Targets
+from hwq.search.train import as_weights
 
 
 def space(sizes=(40, 30, 30), bits=4, seed=0) -> SearchSpace:
@@ -127,7 +128,7 @@ def test_state_round_trip_continues_identically():
 def toy_fitness(search: CCEDA, target: np.ndarray, samples: np.ndarray) -> np.ndarray:
     """-(distance to target) of each candidate: a separable problem with a known optimum."""
     values = np.tile(search.best_values(), (len(samples), 1))
-    values[:, search.group] = search.space.base[search.group] + samples - search.space.radius
+    values[:, search.group] = search.space.values(samples, search.group)
     return -np.abs(values - target).sum(1)
 
 
@@ -191,13 +192,14 @@ def search_toy(evaluator: SimEvaluator, solved) -> tuple[int, int, np.ndarray]:
     fitness, weights found)."""
     s = SearchSpace.from_weights({"fc": evaluator.program.op("fc").weight}, {"fc": 4}, radius=1)
     search = CCEDA(s, EDAConfig(population=16, selected=4, group_size=40, generations_per_group=1), seed=0)
-    search.best_fitness = first = evaluator.set_solution(s.unflatten(search.best_values()))
+    best = lambda: as_weights(s.unflatten(search.best_values()))  # noqa: E731
+    search.best_fitness = first = evaluator.set_solution(best())
     for _ in range(600):
         if solved(search.best_fitness):
             break
-        if search.tell(evaluator.evaluate(search.candidate_values(search.ask()))):
-            evaluator.set_solution(s.unflatten(search.best_values()))
-    return first, search.best_fitness, s.unflatten(search.best_values())["fc"]
+        if search.tell(evaluator.evaluate(as_weights(search.candidate_values(search.ask())))):
+            evaluator.set_solution(best())
+    return first, search.best_fitness, best()["fc"]
 
 
 def test_search_on_accel_sim_recovers_a_perfect_classifier(toy_task):
