@@ -19,6 +19,7 @@ from hwq.quant.evaluate import evaluate_program, prepare
 from hwq.quant.model import load_float_model
 from hwq.search.cceda import EDAConfig
 from hwq.search.evaluator import BrevitasEvaluator, IntegerFitness, SimEvaluator, Targets
+from hwq.search.schedule import BatchSchedule
 from hwq.search.train import TrainConfig, train
 
 from .helpers import write_checkpoint, write_cifar_batches
@@ -361,3 +362,24 @@ def test_logged_agreement_and_logit_distance_match_the_float_network(workspace, 
     assert point["val_logit_l1"] == pytest.approx((real - reference).abs().sum(1).mean().item(), rel=1e-6)
     assert point["val_accuracy"] == evaluate_program(program, val).accuracy
     assert summary["best_val"]["val_agreement"] == point["val_agreement"]
+
+
+def test_batch_grows_only_when_gains_stop_carrying_over():
+    schedule = BatchSchedule(256, 1024, window=2, below=0.5)
+    schedule.observe(100, 80)
+    assert schedule.carry_over() is None and not schedule.grow(), "the window is not full yet"
+    schedule.observe(100, 40)
+    assert schedule.carry_over() == 0.6 and not schedule.grow() and schedule.size == 256
+    schedule.observe(100, -20)  # the window slides: (100, 40), (100, -20)
+    assert schedule.carry_over() == 0.1 and schedule.grow() and schedule.size == 512
+    assert schedule.carry_over() is None, "a grown batch is judged on its own gains"
+    restored = BatchSchedule(256, 1024, window=2, below=0.5)
+    schedule.observe(0, 0)
+    restored.load_state_dict(json.loads(json.dumps(schedule.state_dict())))
+    assert restored == schedule
+    for _ in range(4):
+        schedule.observe(0, 0)  # no gain at all: nothing carries over
+        schedule.grow()
+    assert schedule.size == 1024 and not schedule.grows
+    with pytest.raises(HwqError, match="max-fitness-images 128 is below"):
+        BatchSchedule(256, 128)

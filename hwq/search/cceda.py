@@ -472,12 +472,12 @@ class CCEDA:
         if EDAConfig(**state["config"]) != self.config:
             raise HwqError("the checkpoint was made with other search settings; resume with the same ones")
         self.rng.bit_generator.state = state["rng"]
-        self.probs = np.asarray(state["probs"], dtype=np.float64)
-        self.radius = np.asarray(state.get("radius", self.space.radius), dtype=np.int64)
+        self.probs = np.array(state["probs"], dtype=np.float64)
+        self.radius = np.array(state.get("radius", self.space.radius), dtype=np.int64)
         self.valid = self.space.valid(self.radius)
-        self.visits = np.asarray(state.get("visits", np.zeros(self.space.size)), dtype=np.int64)
-        self.best = np.asarray(state["best"], dtype=np.int64)
+        self.visits = np.array(state.get("visits", np.zeros(self.space.size)), dtype=np.int64)
+        self.best = np.array(state["best"], dtype=np.int64)
         self.best_fitness = state["best_fitness"]
-        self.group = np.asarray(state["group"], dtype=np.int64)
+        self.group = np.array(state["group"], dtype=np.int64)
         self.group_generation = int(state["group_generation"])
         self.generation = int(state["generation"])
