@@ -383,3 +383,22 @@ def test_batch_grows_only_when_gains_stop_carrying_over():
     assert schedule.size == 1024 and not schedule.grows
     with pytest.raises(HwqError, match="max-fitness-images 128 is below"):
         BatchSchedule(256, 128)
+
+
+def test_cli_flags_of_the_evaluation_spending_and_stopping_features(tmp_path):
+    from hwq.cli import build_parser
+    from hwq.search.cli import train_config
+
+    flags = "--grow-batch --grow-window 3 --grow-below 0.4 --max-fitness-images 1024 --widen-after 2"
+    flags += " --widen-below 0.8 --max-radius 3 --patience-evals 5000 --group-scope global"
+    args = build_parser().parse_args(
+        ["train", "--checkpoint", "c.th", "--wbits", "4", "--abits", "8", "--budget-evals", "10"]
+        + ["--out", str(tmp_path / "run"), *flags.split()]
+    )
+    cfg = train_config(args)
+    assert (cfg.grow_batch, cfg.grow_window, cfg.grow_below, cfg.max_fitness_images) == (True, 3, 0.4, 1024)
+    assert (cfg.eda.widen_after, cfg.eda.widen_below, cfg.max_radius) == (2, 0.8, 3)
+    assert cfg.patience_evals == 5000 and cfg.eda.group_scope == "global"
+    assert "patience_evals" not in cfg.defining(), "patience is a budget: it may change on --resume"
+    with pytest.raises(HwqError, match="widen-after needs a --max-radius above"):
+        TrainConfig(**{**cfg.__dict__, "max_radius": 1}).validate()

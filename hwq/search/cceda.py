@@ -213,7 +213,7 @@ class EDAConfig:
     generations_per_group: int = 4
     group_scope: str = "layer"
     widen_after: int = 0
-    widen_below: float = 0.9
+    widen_below: float = 0.75
 
     def validate(self) -> None:
         if self.population < 2:

@@ -150,7 +150,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="widen a weight's radius by a level when still flat after every N visits (default 0: off)",
     )
     s.add_argument(
-        "--widen-below", type=float, help="flat: confidence below this after the visits (default 0.9)"
+        "--widen-below", type=float, help="flat: confidence below this after the visits (default 0.75)"
     )
     s.add_argument("--max-radius", type=int, help="the widest radius --widen-after may reach (default 2)")
     s.add_argument("--population", type=int, help="candidates per generation (default 16)")
