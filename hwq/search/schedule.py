@@ -27,7 +27,7 @@ class BatchSchedule:
     cap: int
     window: int = 0
     below: float = 0.0
-    gains: list[tuple[int, int]] = field(default_factory=list)  # (on its batch, on the next)
+    gains: list[tuple[float, float]] = field(default_factory=list)  # per image: (its batch, the next)
 
     def __post_init__(self) -> None:
         if self.window < 0 or not 0 <= self.below <= 1:
@@ -39,11 +39,11 @@ class BatchSchedule:
     def grows(self) -> bool:
         return self.window > 0 and self.size < self.cap
 
-    def observe(self, batch_gain: int, fresh_gain: int) -> None:
+    def observe(self, batch_gain: float, fresh_gain: float) -> None:
         """Record a batch's gain of the best fitness on it and the same change's gain on the
-        next batch."""
+        next batch, both per image (the two batches differ in size when the batch grew)."""
         if self.window:
-            self.gains = [*self.gains, (int(batch_gain), int(fresh_gain))][-self.window :]
+            self.gains = [*self.gains, (float(batch_gain), float(fresh_gain))][-self.window :]
 
     def carry_over(self) -> float | None:
         """The share of the window's batch gains that held on fresh images, once it is full
@@ -68,4 +68,4 @@ class BatchSchedule:
 
     def load_state_dict(self, state: dict) -> None:
         self.size = int(state["size"])
-        self.gains = [(int(b), int(f)) for b, f in state["gains"]]
+        self.gains = [(float(b), float(f)) for b, f in state["gains"]]

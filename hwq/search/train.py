@@ -236,12 +236,12 @@ class _Run:
         evaluation), to measure how much of the last batch's gain held on new images."""
         self.schedule.grow()
         measure = self.schedule.grows
-        batch_gain = self.search.best_fitness - self.period_fitness
+        batch_gain, last_size = self.search.best_fitness - self.period_fitness, len(self.batch)
         self.new_batch()
         entry = {}
         if measure:
             fresh_gain = self.search.best_fitness - self.fitness_of(self.period_start)
-            self.schedule.observe(batch_gain, fresh_gain)
+            self.schedule.observe(batch_gain / last_size, fresh_gain / len(self.batch))
             entry = {"batch_gain": int(batch_gain), "fresh_gain": int(fresh_gain)}
         self.start_period()
         return entry
