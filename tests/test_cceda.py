@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +14,7 @@ from hwq import HwqError
 from hwq.search.cceda import (
     CCEDA,
     EDAConfig,
+    ParamBlock,
     SearchSpace,
     confidence,
     initial_probabilities,
@@ -19,8 +22,10 @@ from hwq.search.cceda import (
     sample_categories,
     select_best,
     updated_probabilities,
+    weight_block,
 )
 from hwq.search.evaluator import IntegerFitness, SimEvaluator, Targets
+from hwq.search.train import as_weights
 
 
 def space(sizes=(40, 30, 30), bits=4, seed=0) -> SearchSpace:
@@ -127,7 +132,7 @@ def test_state_round_trip_continues_identically():
 def toy_fitness(search: CCEDA, target: np.ndarray, samples: np.ndarray) -> np.ndarray:
     """-(distance to target) of each candidate: a separable problem with a known optimum."""
     values = np.tile(search.best_values(), (len(samples), 1))
-    values[:, search.group] = search.space.base[search.group] + samples - search.space.radius
+    values[:, search.group] = search.space.values(samples, search.group)
     return -np.abs(values - target).sum(1)
 
 
@@ -191,13 +196,14 @@ def search_toy(evaluator: SimEvaluator, solved) -> tuple[int, int, np.ndarray]:
     fitness, weights found)."""
     s = SearchSpace.from_weights({"fc": evaluator.program.op("fc").weight}, {"fc": 4}, radius=1)
     search = CCEDA(s, EDAConfig(population=16, selected=4, group_size=40, generations_per_group=1), seed=0)
-    search.best_fitness = first = evaluator.set_solution(s.unflatten(search.best_values()))
+    best = lambda: as_weights(s.unflatten(search.best_values()))  # noqa: E731
+    search.best_fitness = first = evaluator.set_solution(best())
     for _ in range(600):
         if solved(search.best_fitness):
             break
-        if search.tell(evaluator.evaluate(search.candidate_values(search.ask()))):
-            evaluator.set_solution(s.unflatten(search.best_values()))
-    return first, search.best_fitness, s.unflatten(search.best_values())["fc"]
+        if search.tell(evaluator.evaluate(as_weights(search.candidate_values(search.ask())))):
+            evaluator.set_solution(best())
+    return first, search.best_fitness, best()["fc"]
 
 
 def test_search_on_accel_sim_recovers_a_perfect_classifier(toy_task):
@@ -262,3 +268,92 @@ def test_a_floor_the_levels_cannot_hold_is_refused():
 def test_bad_settings_are_named(field, value):
     with pytest.raises(HwqError, match=field.replace("_", "-")):
         EDAConfig(**{field: value}).validate()
+
+
+def widening_search(widen_after: int) -> CCEDA:
+    """Four 4-bit weights: flat at 0, flat at 6 (one step from the top of the range), flat at
+    7 (at the top), and peaked at 0; all in one group."""
+    s = SearchSpace.from_weights({"w": np.array([0, 6, 7, 0])}, {"w": 4}, radius=1, max_radius=2)
+    search = CCEDA(s, EDAConfig(group_size=4, widen_after=widen_after, widen_below=0.9), seed=0)
+    search.probs = np.array(
+        [
+            [0, 0.3, 0.4, 0.3, 0],
+            [0, 0.4, 0.3, 0.3, 0],
+            [0, 0.5, 0.5, 0, 0],
+            [0, 0.02, 0.96, 0.02, 0],
+        ]
+    )
+    search.group = np.arange(4)
+    return search
+
+
+def test_only_flat_weights_widen_and_only_within_their_range():
+    search = widening_search(widen_after=1)
+    assert search.valid.sum(1).tolist() == [3, 3, 2, 3]
+    search.leave_group()
+    assert search.radius.tolist() == [2, 2, 2, 1], "the peaked weight keeps its radius"
+    assert search.valid.tolist() == [
+        [True] * 5,
+        [True, True, True, True, False],  # 8 is outside [-7, 7]
+        [True, True, True, False, False],
+        [False, True, True, True, False],
+    ]
+    np.testing.assert_allclose(search.probs.sum(1), 1)
+    assert np.all(search.probs[~search.valid] == 0) and np.all(search.probs[search.valid] >= 0.02)
+    # a new level starts at half its inner neighbour: [0.15, 0.3, 0.4, 0.3, 0.15] / 1.3
+    np.testing.assert_allclose(search.probs[0], np.array([0.15, 0.3, 0.4, 0.3, 0.15]) / 1.3)
+    np.testing.assert_array_equal(search.probs[3], [0, 0.02, 0.96, 0.02, 0])
+    values = search.space.values(sample_categories(search.probs, 2000, np.random.default_rng(0)))
+    assert values.min(0).tolist() == [-2, 4, 5, -1] and values.max(0).tolist() == [2, 7, 7, 1]
+    search.leave_group()
+    assert search.radius.tolist() == [2, 2, 2, 1], "never beyond --max-radius"
+
+
+def test_weights_widen_only_after_the_given_number_of_visits():
+    search = widening_search(widen_after=2)
+    search.leave_group()
+    assert search.radius.tolist() == [1, 1, 1, 1] and search.visits.tolist() == [1, 1, 1, 1]
+    search.leave_group()
+    assert search.radius.tolist() == [2, 2, 2, 1]
+
+
+def test_a_widened_run_round_trips_its_radii():
+    s = space()
+    cfg = EDAConfig(population=4, selected=2, group_size=8, widen_after=1, widen_below=0.99)
+    s = SearchSpace(tuple(dataclasses.replace(b, max_radius=2) for b in s.blocks))
+    a = CCEDA(s, cfg, seed=5)
+    a.best_fitness = 0
+    for f in ([1, 2, 3, 4], [0, 0, 9, 1], [3, 1, 2, 0]):
+        for _ in range(cfg.generations_per_group):
+            a.ask()
+            a.tell(np.array(f))
+    assert (a.radius == 2).any()
+    b = CCEDA(s, cfg, seed=99)
+    b.load_state_dict(a.state_dict())
+    np.testing.assert_array_equal(b.valid, a.valid)
+    np.testing.assert_array_equal(a.ask(), b.ask())
+
+
+def test_blocks_keep_their_own_ranges_and_radii():
+    """A later block (a per-channel bias, say) brings its own range and radius; categories
+    are shared, each parameter's valid levels are its own."""
+    w = weight_block("conv", np.array([[3, -7]]), 4, radius=1)
+    bias = ParamBlock(
+        "conv",
+        "bias",
+        (2,),
+        np.array([0, 90]),
+        np.array([-100, -100]),
+        np.array([100, 100]),
+        np.array([0.0, 90.0]),
+        radius=3,
+        max_radius=3,
+    )
+    s = SearchSpace((w, bias))
+    assert s.width == 3 and s.keys == (("conv", "weight"), ("conv", "bias"))
+    assert s.valid().sum(1).tolist() == [3, 2, 7, 7]
+    out = s.unflatten(s.values(np.full(4, 3 + 1)))
+    np.testing.assert_array_equal(out["conv", "weight"], [[4, -6]])
+    np.testing.assert_array_equal(out["conv", "bias"], [1, 91])
+    with pytest.raises(HwqError, match="listed twice"):
+        SearchSpace((w, w))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from accel_sim.functional import FunctionalSim
 from accel_sim.ir import load_program, program_digest
@@ -21,8 +22,10 @@ from hwq import HwqError
 from hwq.cli import main
 from hwq.data import load_split
 from hwq.quant.evaluate import evaluate_program, prepare
+from hwq.quant.model import load_float_model
 from hwq.search.cceda import EDAConfig
 from hwq.search.evaluator import BrevitasEvaluator, IntegerFitness, SimEvaluator, Targets
+from hwq.search.schedule import BatchSchedule
 from hwq.search.state import read_state, write_state
 from hwq.search.train import TrainConfig, train
 
@@ -505,3 +508,118 @@ def test_budget_minutes_stops_on_time_and_is_complete(workspace):
     assert len(lines) >= 3  # the search ran generations, then stopped by itself
     # a generation starts only while budget is left, so only the last one may end past it
     assert all(line["elapsed_s"] < 60 * budget for line in lines[:-1])
+
+
+def all_features(workspace, out: str, budget: int) -> TrainConfig:
+    """Every evaluation-spending and stopping feature on, tuned so that each one acts in a
+    tiny run: the batch grows, weights widen, and patience may stop it."""
+    cfg = config(workspace, out, budget, grow_batch=True, grow_window=1, grow_below=1.0, patience_evals=36)
+    eda = EDAConfig(population=4, selected=2, group_size=64, widen_after=1, widen_below=0.99)
+    return TrainConfig(**{**cfg.__dict__, "eda": eda, "max_fitness_images": 64, "eval_every": 1})
+
+
+@pytest.fixture(scope="module")
+def featured(workspace):
+    summary = train(all_features(workspace, "featured", 80))
+    return summary, final_weights(workspace, "featured"), log_lines(workspace, "featured")
+
+
+def test_every_feature_acts_in_the_tiny_run(featured):
+    summary, _, log = featured
+    sizes = [d["fitness_images"] for d in log[1:]]
+    assert sizes[0] == 16 and max(sizes) > 16 and sizes == sorted(sizes)
+    draws = [d for d in log if d["generation"] > 1 and (d["generation"] - 1) % 3 == 0]
+    assert all("fresh_gain" in d for d in draws if d["fitness_images"] < 64) and draws
+    assert summary["weights_widened"] > 0
+    assert summary["stopped"] in ("budget", "patience") and summary["complete"]
+
+
+def test_interrupted_run_with_every_feature_resumes_exactly(workspace, featured, monkeypatch):
+    """Ctrl-C (SIGINT) stops at the end of a generation, the summary says so, and --resume
+    goes on to the same log, final weights and held-out selection as a run left alone."""
+    calls = {"n": 0}
+    original = SimEvaluator.evaluate
+
+    def interrupting(self, candidates):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, candidates)
+
+    monkeypatch.setattr(SimEvaluator, "evaluate", interrupting)
+    stopped = train(all_features(workspace, "featured_split", 80))
+    assert stopped["stopped"] == "interrupted" and not stopped["complete"]
+    monkeypatch.setattr(SimEvaluator, "evaluate", original)
+    resumed = train(all_features(workspace, "featured_split", 80), resume=True)
+    assert resumed["stopped"] == featured[0]["stopped"]
+    assert_same_run(workspace, "featured_split", featured, "featured")
+
+
+def test_patience_stops_a_run_whose_held_out_accuracy_does_not_improve(workspace):
+    cfg = config(workspace, "patience", 4000, patience_evals=8)
+    summary = train(TrainConfig(**{**cfg.__dict__, "eval_every": 1}))
+    log = log_lines(workspace, "patience")
+    assert summary["stopped"] == "patience" and summary["complete"] and summary["evaluations"] < 4000
+    best, stop = summary["best_val"], log[-1]
+    assert stop["evaluations"] - best["evaluations"] >= 8
+    later = [d for d in log if d["evaluations"] > best["evaluations"]]
+    assert all(d["val_accuracy"] <= best["val_accuracy"] for d in later)
+    assert [d for d in later if d["evaluations"] - best["evaluations"] >= 8] == [stop]
+
+
+def test_logged_agreement_and_logit_distance_match_the_float_network(workspace, featured):
+    """The held-out figures of best_val.ir, recomputed here from the IR and the float
+    checkpoint: agreement of top-1 classes, mean L1 distance of the logits in logit units."""
+    summary, _, log = featured
+    _, data, checkpoint = workspace
+    val = load_split(data, "val")
+    program = load_program(summary["best_val"]["ir"])
+    logits = FunctionalSim(program).run(val.images).logits.double()
+    real = logits * program.tensors[program.output].scale
+    with torch.no_grad():
+        reference = load_float_model(checkpoint)(val.images).double()
+    point = next(d for d in log if d["generation"] == summary["best_val"]["generation"])
+    assert point["val_agreement"] == (logits.argmax(1) == reference.argmax(1)).double().mean().item()
+    assert point["val_logit_l1"] == pytest.approx((real - reference).abs().sum(1).mean().item(), rel=1e-6)
+    assert point["val_accuracy"] == evaluate_program(program, val).accuracy
+    assert summary["best_val"]["val_agreement"] == point["val_agreement"]
+
+
+def test_batch_grows_only_when_gains_stop_carrying_over():
+    schedule = BatchSchedule(256, 1024, window=2, below=0.5)
+    schedule.observe(100, 80)
+    assert schedule.carry_over() is None and not schedule.grow(), "the window is not full yet"
+    schedule.observe(100, 40)
+    assert schedule.carry_over() == 0.6 and not schedule.grow() and schedule.size == 256
+    schedule.observe(100, -20)  # the window slides: (100, 40), (100, -20)
+    assert schedule.carry_over() == 0.1 and schedule.grow() and schedule.size == 512
+    assert schedule.carry_over() is None, "a grown batch is judged on its own gains"
+    restored = BatchSchedule(256, 1024, window=2, below=0.5)
+    schedule.observe(0, 0)
+    restored.load_state_dict(json.loads(json.dumps(schedule.state_dict())))
+    assert restored == schedule
+    for _ in range(4):
+        schedule.observe(0, 0)  # no gain at all: nothing carries over
+        schedule.grow()
+    assert schedule.size == 1024 and not schedule.grows
+    with pytest.raises(HwqError, match="max-fitness-images 128 is below"):
+        BatchSchedule(256, 128)
+
+
+def test_cli_flags_of_the_evaluation_spending_and_stopping_features(tmp_path):
+    from hwq.cli import build_parser
+    from hwq.search.cli import train_config
+
+    flags = "--grow-batch --grow-window 3 --grow-below 0.4 --max-fitness-images 1024 --widen-after 2"
+    flags += " --widen-below 0.8 --max-radius 3 --patience-evals 5000 --group-scope global"
+    args = build_parser().parse_args(
+        ["train", "--checkpoint", "c.th", "--wbits", "4", "--abits", "8", "--budget-evals", "10"]
+        + ["--out", str(tmp_path / "run"), *flags.split()]
+    )
+    cfg = train_config(args)
+    assert (cfg.grow_batch, cfg.grow_window, cfg.grow_below, cfg.max_fitness_images) == (True, 3, 0.4, 1024)
+    assert (cfg.eda.widen_after, cfg.eda.widen_below, cfg.max_radius) == (2, 0.8, 3)
+    assert cfg.patience_evals == 5000 and cfg.eda.group_scope == "global"
+    assert "patience_evals" not in cfg.defining(), "patience is a budget: it may change on --resume"
+    with pytest.raises(HwqError, match="widen-after needs a --max-radius above"):
+        TrainConfig(**{**cfg.__dict__, "max_radius": 1}).validate()

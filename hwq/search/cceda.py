@@ -1,72 +1,183 @@
-"""Cooperative-coevolution EDA over low-bit integer weights (after Peng et al., arXiv 2112.14834).
+"""Cooperative-coevolution EDA over integer parameters (after Peng et al., arXiv 2112.14834).
 
-The search variables are the integer weights of the chosen layers, flattened into one
-vector. Each weight may take the `2*radius + 1` levels around its round-to-nearest value
-(clipped to the weight range) and has a categorical distribution over them, initially
-concentrated on that value. Cooperative coevolution repeatedly picks the group of weights
-whose distributions are least confident (lowest maximum probability) and runs an EDA on
-that group alone, every other weight held at the best solution so far (the context).
+The search variables are integer parameters of the network, in named blocks (a layer's
+weights; later also its per-channel biases and multipliers), flattened into one vector.
+Each parameter may take the levels within its radius of its starting value (clipped to
+its block's range) and has a categorical distribution over them. Cooperative
+coevolution repeatedly picks the group of parameters whose distributions are least
+confident and runs an EDA on that group alone, every other parameter held at the best
+solution so far (the context). A parameter whose distribution stays flat over several
+visits may have its radius widened (`--widen-after`), up to its block's `max_radius`.
 
 This module is the search algorithm only (ask/tell, in the EvoTorch manner): it knows
-nothing of networks or simulators; `hwq.evaluator` scores what it proposes.
+nothing of networks or simulators; `hwq.search.evaluator` scores what it proposes.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from functools import cached_property
 
 import numpy as np
 
 from .. import HwqError
 
+Key = tuple[str, str]  # (op name, field): ("conv1", "weight")
+
 
 @dataclass(frozen=True)
-class SearchSpace:
-    """Which integer weights are searched, where they start and which values they may take.
+class ParamBlock:
+    """One op's field of integer parameters, with where each starts and what it may take.
 
-    `position` is each weight's real value in units of its quantization step (the float
-    weight divided by its scale); `base` is its round-to-nearest level. Without a float
-    network (a search resumed from an IR) the position is the level itself.
+    `position` is each parameter's real value in units of its quantization step (for a
+    weight, the float weight divided by its scale); `base` is its starting level (the
+    round-to-nearest one). `lo`/`hi` bound every level; a parameter starts with `radius`
+    levels each side and may be widened to `max_radius`.
     """
 
-    names: tuple[str, ...]
-    shapes: tuple[tuple[int, ...], ...]
+    op: str
+    field: str
+    shape: tuple[int, ...]
     base: np.ndarray
     lo: np.ndarray
     hi: np.ndarray
-    radius: int
     position: np.ndarray
+    radius: int
+    max_radius: int
+
+    @property
+    def key(self) -> Key:
+        return (self.op, self.field)
 
     @property
     def size(self) -> int:
         return len(self.base)
 
+    def validate(self) -> None:
+        if self.radius < 1:
+            raise HwqError(f"search radius must be at least 1 (got {self.radius})")
+        if self.max_radius < self.radius:
+            raise HwqError(f"--max-radius {self.max_radius} is below the radius {self.radius}")
+        if np.any(self.base < self.lo) or np.any(self.base > self.hi):
+            raise HwqError(f"{self.op}.{self.field} starts outside its range")
+        if np.any(np.abs(self.position - self.base) > 0.5 + 1e-6):
+            raise HwqError("float positions do not round to the integer weights they start from")
+
+
+def weight_block(
+    op: str,
+    weight: np.ndarray,
+    bits: int,
+    radius: int,
+    position: np.ndarray | None = None,
+    max_radius: int | None = None,
+    narrow: bool = True,
+) -> ParamBlock:
+    """A layer's `bits`-bit weights; `narrow` keeps them symmetric ([-(2^(b-1)-1), 2^(b-1)-1])
+    like Brevitas' weight quantizers, so the brevitas target can represent every level.
+    Without a float network (a search resumed from an IR) the position is the level itself."""
+    base = np.asarray(weight).reshape(-1).astype(np.int64)
+    hi = np.full(base.shape, (1 << (bits - 1)) - 1, dtype=np.int64)
+    lo = -hi if narrow else -hi - 1
+    pos = base.astype(np.float64) if position is None else np.asarray(position, np.float64).reshape(-1)
+    if pos.shape != base.shape:
+        raise HwqError("float positions do not round to the integer weights they start from")
+    block = ParamBlock(op, "weight", tuple(weight.shape), base, lo, hi, pos, radius, max_radius or radius)
+    block.validate()
+    return block
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """The searched parameters: a sequence of blocks, flattened in order.
+
+    Levels are indexed by category `0 .. 2*max_radius`, category `max_radius` being the
+    starting value, for every parameter whatever its own radius: a narrower parameter has
+    its outer categories invalid (probability 0), so widening one only validates levels.
+    """
+
+    blocks: tuple[ParamBlock, ...]
+
+    def __post_init__(self) -> None:
+        keys = [b.key for b in self.blocks]
+        if len(set(keys)) != len(keys):
+            raise HwqError(f"a parameter block is listed twice: {keys}")
+
+    @cached_property
+    def base(self) -> np.ndarray:
+        return np.concatenate([b.base for b in self.blocks])
+
+    @cached_property
+    def lo(self) -> np.ndarray:
+        return np.concatenate([b.lo for b in self.blocks])
+
+    @cached_property
+    def hi(self) -> np.ndarray:
+        return np.concatenate([b.hi for b in self.blocks])
+
+    @cached_property
+    def position(self) -> np.ndarray:
+        return np.concatenate([b.position for b in self.blocks])
+
+    @cached_property
+    def radius(self) -> np.ndarray:
+        """Every parameter's starting radius."""
+        return np.repeat([b.radius for b in self.blocks], [b.size for b in self.blocks])
+
+    @cached_property
+    def max_radius(self) -> np.ndarray:
+        """How far every parameter's radius may be widened."""
+        return np.repeat([b.max_radius for b in self.blocks], [b.size for b in self.blocks])
+
+    @property
+    def width(self) -> int:
+        """The largest radius of any parameter; categories run over `2*width + 1` levels."""
+        return int(max(b.max_radius for b in self.blocks))
+
     @property
     def levels(self) -> int:
-        return 2 * self.radius + 1
+        return 2 * self.width + 1
 
     @property
+    def size(self) -> int:
+        return sum(b.size for b in self.blocks)
+
+    @property
+    def keys(self) -> tuple[Key, ...]:
+        return tuple(b.key for b in self.blocks)
+
+    @cached_property
     def offsets(self) -> np.ndarray:
-        return np.concatenate([[0], np.cumsum([int(np.prod(s)) for s in self.shapes])])
+        return np.concatenate([[0], np.cumsum([b.size for b in self.blocks])])
 
-    def layer_index(self) -> np.ndarray:
-        """The layer (index into `names`) of every searched weight."""
-        return np.repeat(np.arange(len(self.names)), np.diff(self.offsets))
+    @cached_property
+    def block_index(self) -> np.ndarray:
+        """The block (index into `blocks`) of every parameter."""
+        return np.repeat(np.arange(len(self.blocks)), [b.size for b in self.blocks])
 
-    def valid(self) -> np.ndarray:
-        """(size, levels) mask of the levels inside each weight's range."""
-        values = self.base[:, None] + np.arange(-self.radius, self.radius + 1)[None, :]
-        return (values >= self.lo[:, None]) & (values <= self.hi[:, None])
+    @property
+    def level_offsets(self) -> np.ndarray:
+        """(levels,) the level offset of each category: -width .. width."""
+        return np.arange(-self.width, self.width + 1)
 
-    def values(self, categories: np.ndarray) -> np.ndarray:
-        return self.base + categories - self.radius
+    def valid(self, radius: np.ndarray | None = None, index: np.ndarray | None = None) -> np.ndarray:
+        """(n, levels) mask of the levels within each parameter's radius (its starting one,
+        or `radius`) and inside its range; for all parameters, or those at `index`."""
+        index = slice(None) if index is None else index
+        radius = self.radius[index] if radius is None else radius
+        offsets = self.level_offsets[None, :]
+        values = self.base[index, None] + offsets
+        inside = (values >= self.lo[index, None]) & (values <= self.hi[index, None])
+        return inside & (np.abs(offsets) <= np.asarray(radius)[:, None])
 
-    def unflatten(self, values: np.ndarray) -> dict[str, np.ndarray]:
+    def values(self, categories: np.ndarray, index: np.ndarray | None = None) -> np.ndarray:
+        """Parameter values of category indices (of all parameters, or those at `index`)."""
+        base = self.base if index is None else self.base[index]
+        return base + categories - self.width
+
+    def unflatten(self, values: np.ndarray) -> dict[Key, np.ndarray]:
         off = self.offsets
-        return {
-            n: values[off[i] : off[i + 1]].reshape(s)
-            for i, (n, s) in enumerate(zip(self.names, self.shapes, strict=True))
-        }
+        return {b.key: values[off[i] : off[i + 1]].reshape(b.shape) for i, b in enumerate(self.blocks)}
 
     @classmethod
     def from_weights(
@@ -76,21 +187,17 @@ class SearchSpace:
         radius: int,
         positions: dict[str, np.ndarray] | None = None,
         narrow: bool = True,
+        max_radius: int | None = None,
     ) -> SearchSpace:
-        """Weights of `bits` bits; `narrow` keeps them symmetric ([-(2^(b-1)-1), 2^(b-1)-1])
-        like Brevitas' weight quantizers, so the brevitas target can represent every level."""
-        if radius < 1:
-            raise HwqError(f"search radius must be at least 1 (got {radius})")
-        names = tuple(weights)
-        base = np.concatenate([weights[n].reshape(-1) for n in names]).astype(np.int64)
-        hi = np.concatenate([np.full(weights[n].size, (1 << (bits[n] - 1)) - 1) for n in names])
-        lo = -hi if narrow else -hi - 1
-        position = base.astype(np.float64)
-        if positions is not None:
-            position = np.concatenate([np.asarray(positions[n], dtype=np.float64).reshape(-1) for n in names])
-            if position.shape != base.shape or np.any(np.abs(position - base) > 0.5 + 1e-6):
-                raise HwqError("float positions do not round to the integer weights they start from")
-        return cls(names, tuple(weights[n].shape for n in names), base, lo, hi, radius, position)
+        """The weights of the given layers, one block each (see `weight_block`)."""
+        return cls(
+            tuple(
+                weight_block(
+                    n, w, bits[n], radius, None if positions is None else positions[n], max_radius, narrow
+                )
+                for n, w in weights.items()
+            )
+        )
 
 
 @dataclass(frozen=True)
@@ -105,6 +212,8 @@ class EDAConfig:
     group_size: int = 256
     generations_per_group: int = 4
     group_scope: str = "layer"
+    widen_after: int = 0
+    widen_below: float = 0.75
 
     def validate(self) -> None:
         if self.population < 2:
@@ -121,16 +230,21 @@ class EDAConfig:
             raise HwqError("--group-size and --generations-per-group must be positive")
         if self.group_scope not in ("layer", "global"):
             raise HwqError("--group-scope must be 'layer' or 'global'")
+        if self.widen_after < 0:
+            raise HwqError("--widen-after must be 0 (off) or a number of visits")
+        if not 0 < self.widen_below <= 1:
+            raise HwqError("--widen-below must be in (0, 1]")
 
 
 def initial_probabilities(space: SearchSpace, sigma: float) -> np.ndarray:
-    """A Gaussian of width `sigma` (in levels) around each weight's real position.
+    """A Gaussian of width `sigma` (in levels) around each parameter's real position, over
+    the levels within its starting radius.
 
     The round-to-nearest level is always the most likely, and the confidence (the largest
     probability) measures how unambiguous the rounding was: a weight that sat halfway
     between two levels starts near 50/50 and is among the first the search examines.
     """
-    levels = space.base[:, None] + np.arange(-space.radius, space.radius + 1)[None, :]
+    levels = space.base[:, None] + space.level_offsets[None, :]
     logits = -((levels - space.position[:, None]) ** 2) / (2 * sigma**2)
     logits = np.where(space.valid(), logits, -np.inf)
     probs = np.exp(logits - logits.max(axis=1, keepdims=True))
@@ -206,8 +320,28 @@ def least_confident_group(
     return np.sort(groups[int(rng.choice(lowest))])
 
 
+def widened_probabilities(probs: np.ndarray, old: np.ndarray, new: np.ndarray, floor: float) -> np.ndarray:
+    """Distributions over a wider set of valid levels (`new` includes `old`).
+
+    Each new level starts at half the probability of its inner neighbour (the level one
+    step closer to the start), as if the distribution's tail went on, then every row is
+    renormalized and floored: a flat distribution spreads onto the new levels, a peaked
+    one barely notices them.
+    """
+    width = probs.shape[1] // 2
+    out = np.where(old, probs, 0.0)
+    added = new & ~old
+    for distance in range(1, width + 1):
+        for side in (-1, 1):
+            category = width + side * distance
+            rows = added[:, category]
+            out[rows, category] = out[rows, category - side] / 2
+    out /= out.sum(axis=1, keepdims=True)
+    return with_floor(out, new, floor) if floor > 0 else out
+
+
 class CCEDA:
-    """Ask/tell search state: distributions, the best solution, its fitness, the RNG."""
+    """Ask/tell search state: distributions, radii, the best solution, its fitness, the RNG."""
 
     def __init__(self, space: SearchSpace, config: EDAConfig, seed: int):
         config.validate()
@@ -216,9 +350,11 @@ class CCEDA:
         self.space = space
         self.config = config
         self.rng = np.random.default_rng(seed)
-        self.valid = space.valid()
+        self.radius = space.radius.copy()
+        self.valid = space.valid(self.radius)
+        self.visits = np.zeros(space.size, dtype=np.int64)
         self.probs = initial_probabilities(space, config.init_sigma)
-        self.best = np.full(space.size, space.radius, dtype=np.int64)
+        self.best = np.full(space.size, space.width, dtype=np.int64)
         self.best_fitness: int | None = None
         self.group = np.empty(0, dtype=np.int64)
         self.group_generation = 0
@@ -229,14 +365,38 @@ class CCEDA:
         return confidence(self.probs, self.valid)
 
     def regroup(self) -> None:
+        self.leave_group()
         self.group = least_confident_group(
             self.confidence(),
-            self.space.layer_index(),
+            self.space.block_index,
             self.config.group_size,
             self.config.group_scope,
             self.rng,
         )
         self.group_generation = 0
+
+    def leave_group(self) -> None:
+        """Count the visit of the group's parameters and widen those that stayed flat."""
+        self.visits[self.group] += 1
+        if self.config.widen_after:
+            self.widen(self.flat_after_visits(self.group))
+
+    def flat_after_visits(self, index: np.ndarray) -> np.ndarray:
+        """The parameters at `index` whose every `widen_after`-th visit left them less
+        confident than `widen_below`, and that may still widen."""
+        due = self.visits[index] % self.config.widen_after == 0
+        flat = confidence(self.probs[index], self.valid[index]) < self.config.widen_below
+        return index[due & flat & (self.radius[index] < self.space.max_radius[index])]
+
+    def widen(self, index: np.ndarray) -> None:
+        """One more level each side for the parameters at `index`, within their range."""
+        if len(index) == 0:
+            return
+        self.radius[index] += 1
+        wider = self.space.valid(self.radius[index], index)
+        floor = self.config.min_prob
+        self.probs[index] = widened_probabilities(self.probs[index], self.valid[index], wider, floor)
+        self.valid[index] = wider
 
     def needs_group(self) -> bool:
         return len(self.group) == 0 or self.group_generation >= self.config.generations_per_group
@@ -248,19 +408,18 @@ class CCEDA:
         self.pending = sample_categories(self.probs[self.group], self.config.population, self.rng)
         return self.pending
 
-    def candidate_values(self, samples: np.ndarray) -> dict[str, np.ndarray]:
-        """Full weight tensors (P, ...) of the layers the group touches, for the evaluator."""
-        layer = self.space.layer_index()
-        touched = np.unique(layer[self.group])
+    def candidate_values(self, samples: np.ndarray) -> dict[Key, np.ndarray]:
+        """Whole blocks (P, ...) of the blocks the group touches, for the evaluator."""
+        touched = np.unique(self.space.block_index[self.group])
         off = self.space.offsets
         out = {}
         for index in touched:
             lo, hi = off[index], off[index + 1]
             cats = np.tile(self.best[lo:hi], (len(samples), 1))
-            in_layer = (self.group >= lo) & (self.group < hi)
-            cats[:, self.group[in_layer] - lo] = samples[:, in_layer]
-            values = self.space.base[lo:hi] + cats - self.space.radius
-            out[self.space.names[index]] = values.reshape(len(samples), *self.space.shapes[index])
+            in_block = (self.group >= lo) & (self.group < hi)
+            cats[:, self.group[in_block] - lo] = samples[:, in_block]
+            block = self.space.blocks[index]
+            out[block.key] = self.space.values(cats, np.arange(lo, hi)).reshape(len(samples), *block.shape)
         return out
 
     def tell(self, fitness: np.ndarray) -> bool:
@@ -295,10 +454,13 @@ class CCEDA:
         return self.space.values(self.best)
 
     def state_dict(self) -> dict:
+        """JSON values and numpy arrays only."""
         return {
             "config": asdict(self.config),
             "rng": self.rng.bit_generator.state,
             "probs": self.probs,
+            "radius": self.radius,
+            "visits": self.visits,
             "best": self.best,
             "best_fitness": self.best_fitness,
             "group": self.group,
@@ -307,12 +469,15 @@ class CCEDA:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        if state["config"] != asdict(self.config):
+        if EDAConfig(**state["config"]) != self.config:
             raise HwqError("the checkpoint was made with other search settings; resume with the same ones")
         self.rng.bit_generator.state = state["rng"]
-        self.probs = np.asarray(state["probs"], dtype=np.float64)
-        self.best = np.asarray(state["best"], dtype=np.int64)
+        self.probs = np.array(state["probs"], dtype=np.float64)
+        self.radius = np.array(state.get("radius", self.space.radius), dtype=np.int64)
+        self.valid = self.space.valid(self.radius)
+        self.visits = np.array(state.get("visits", np.zeros(self.space.size)), dtype=np.int64)
+        self.best = np.array(state["best"], dtype=np.int64)
         self.best_fitness = state["best_fitness"]
-        self.group = np.asarray(state["group"], dtype=np.int64)
+        self.group = np.array(state["group"], dtype=np.int64)
         self.group_generation = int(state["group_generation"])
         self.generation = int(state["generation"])

@@ -103,7 +103,9 @@ def cmd_train(args: argparse.Namespace) -> None:
         f"held-out accuracy on accel_sim: {percent(summary['initial_val_accuracy'])} (round-to-nearest) -> "
         f"{percent(summary['final_val_accuracy'])} after {summary['evaluations']} evaluations "
         f"({summary['evals_per_s']} evals/s, {summary['macs_per_eval'] / 1e6:.1f} MMAC/eval); "
-        f"{summary['weights_changed']} of {summary['weights_searched']} weights changed"
+        f"{summary['weights_changed']} of {summary['weights_searched']} weights changed; "
+        f"top-1 agreement with the float network {percent(summary['final_val_agreement'])}; "
+        f"stopped by {summary['stopped']}"
     )
     print(f"final IR: {summary['final_ir']}")
 
@@ -117,6 +119,8 @@ EDA_FLAGS = (
     "group_size",
     "generations_per_group",
     "group_scope",
+    "widen_after",
+    "widen_below",
 )
 
 
@@ -147,8 +151,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     budget.add_argument("--budget-minutes", type=positive_float, help="stop after this much search time")
     p.add_argument("--seed", type=nonnegative_int, help="seed of the search (default 0)")
     p.add_argument("--layers", help="comma-separated layers to search (default: every conv and fc)")
+    p.add_argument(
+        "--patience-evals",
+        type=positive_int,
+        help="also stop when the held-out accuracy has not improved for this many evaluations",
+    )
     s = p.add_argument_group("search (docs/training.md)")
     s.add_argument("--radius", type=positive_int, help="levels each side of the initial value (default 1)")
+    s.add_argument(
+        "--widen-after",
+        type=nonnegative_int,
+        help="widen a weight's radius by a level when still flat after every N visits (default 0: off)",
+    )
+    s.add_argument(
+        "--widen-below",
+        type=open_fraction,
+        help="flat: confidence below this after the visits (default 0.75)",
+    )
+    s.add_argument(
+        "--max-radius", type=positive_int, help="the widest radius --widen-after may reach (default 2)"
+    )
     s.add_argument("--population", type=positive_int, help="candidates per generation (default 16)")
     s.add_argument(
         "--selected", type=positive_int, help="best candidates the distribution learns from (default 4)"
@@ -173,6 +195,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     f.add_argument(
         "--new-batch-every", type=positive_int, help="generations between fitness batches (default 16)"
+    )
+    f.add_argument(
+        "--grow-batch",
+        action="store_true",
+        default=None,
+        help="double the fitness batch when the best's gains stop holding on new batches (below)",
+    )
+    f.add_argument(
+        "--grow-window", type=positive_int, help="batches the carry-over is measured over (default 4)"
+    )
+    f.add_argument(
+        "--grow-below",
+        type=open_fraction,
+        help="grow when less than this share of their gains held on the next batch (default 0.5)",
+    )
+    f.add_argument(
+        "--max-fitness-images",
+        type=positive_int,
+        help="the largest grown batch (default: the whole training split)",
     )
     r = p.add_argument_group("run")
     r.add_argument(

@@ -33,12 +33,12 @@ from accel_sim.ir import MAX_MULT_BITS, Accumulator, Program, program_digest, sa
 from .. import HwqError, __version__
 from ..data import load_split
 from ..outdir import DirectoryLock
-from ..quant.evaluate import evaluate_program, prepare
+from ..quant.evaluate import prepare
 from ..quant.lower import weight_positions
 from ..quant.model import QuantConfig, file_sha256
 from ..results import write_json
 from . import FITNESS_MODES, rundir
-from .cceda import CCEDA, EDAConfig, SearchSpace
+from .cceda import CCEDA, EDAConfig, Key, SearchSpace
 from .distributed import require_ray, validate_settings
 from .evaluator import (
     BrevitasEvaluator,
@@ -48,10 +48,13 @@ from .evaluator import (
     Targets,
     integer_logits,
 )
+from .heldout import float_logits, held_out_figures
 from .rundir import CONFIG_FILE, LOG_FILE, STATE_FILE
+from .schedule import BatchSchedule
 from .state import check_identity, read_state, write_state
 
 TARGETS = ("accel_sim", "brevitas")
+HELD_OUT = ("val_accuracy", "val_agreement", "val_logit_l1")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 AT_LEAST_ONE = ("fitness_images", "new_batch_every", "eval_every", "checkpoint_every", "calibration_images")
 RUN_DEFINING = (
@@ -68,11 +71,16 @@ RUN_DEFINING = (
     "mult_bits",
     "seed",
     "radius",
+    "max_radius",
     "eda",
     "fitness",
     "margin_clip",
     "fitness_images",
     "new_batch_every",
+    "grow_batch",
+    "grow_window",
+    "grow_below",
+    "max_fitness_images",
     "val_fraction",
     "split_seed",
     "calibration_images",
@@ -101,11 +109,17 @@ class TrainConfig:
     budget_evals: int | None = None
     budget_minutes: float | None = None
     radius: int = 1
+    max_radius: int = 2  # how far --widen-after may widen a flat weight's radius
     eda: EDAConfig = field(default_factory=EDAConfig)
     fitness: str = "distill"
     margin_clip: float = 4.0
     fitness_images: int = 256
     new_batch_every: int = 16
+    grow_batch: bool = False
+    grow_window: int = 4
+    grow_below: float = 0.5
+    max_fitness_images: int | None = None  # None: the whole training split
+    patience_evals: int | None = None
     eval_every: int = 25
     checkpoint_every: int = 10
     val_fraction: float = 0.2
@@ -143,7 +157,7 @@ class TrainConfig:
             raise HwqError(f"--mult-bits {self.mult_bits} is out of range [2, {MAX_MULT_BITS}]")
         if self.seed < 0 or self.split_seed < 0:
             raise HwqError("--seed and --split-seed must be non-negative")
-        for name in AT_LEAST_ONE:
+        for name in (*AT_LEAST_ONE, "grow_window"):
             if getattr(self, name) < 1:
                 raise HwqError(f"--{name.replace('_', '-')} must be at least 1")
         if self.margin_clip <= 0:
@@ -151,6 +165,10 @@ class TrainConfig:
         validate_settings(self.workers, self.ray_address, self.cpus_per_worker, self.target)
         if self.workers is not None:
             require_ray()
+        if self.patience_evals is not None and self.patience_evals < 1:
+            raise HwqError("--patience-evals must be at least 1")
+        if self.eda.widen_after and self.max_radius <= self.radius:
+            raise HwqError(f"--widen-after needs a --max-radius above --radius {self.radius}")
 
     def to_json(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -209,6 +227,14 @@ class _Run:
         if saved:
             check_identity(self.dir / STATE_FILE, self.saved_identity, self.identity)
         self.float_model = prepared.float_model
+        if cfg.max_fitness_images is not None and cfg.max_fitness_images > len(self.train):
+            raise HwqError(
+                f"--max-fitness-images {cfg.max_fitness_images} exceeds the {len(self.train)} training images"
+            )
+        self.schedule = batch_schedule(cfg, len(self.train))
+        self.period_start = np.empty(0, dtype=np.int64)  # the best solution at the last batch draw
+        self.period_fitness = 0  # and its fitness on that batch
+        self.val_reference = np.empty((0, 0))
         with torch.no_grad():
             positions = weight_positions(prepared.qmodel, self.initial)
         self.space = search_space(self.initial, cfg, positions)
@@ -274,9 +300,38 @@ class _Run:
     # ----- state -------------------------------------------------------------------------
 
     def new_batch(self) -> None:
-        self.batch = np.sort(self.batch_rng.choice(len(self.train), self.cfg.fitness_images, replace=False))
+        self.batch = np.sort(self.batch_rng.choice(len(self.train), self.schedule.size, replace=False))
         self.set_batch()
         self.search.best_fitness = self.evaluator.set_solution(self.best_weights())
+
+    def next_batch(self) -> dict:
+        """Draw the next fitness batch (grown, if the schedule says so). While the batch may
+        still grow, the best solution of the last draw is scored on the new batch too (one
+        evaluation), to measure how much of the last batch's gain held on new images."""
+        self.schedule.grow()
+        measure = self.schedule.grows
+        batch_gain, last_size = self.search.best_fitness - self.period_fitness, len(self.batch)
+        self.new_batch()
+        entry = {}
+        if measure:
+            fresh_gain = self.search.best_fitness - self.fitness_of(self.period_start)
+            self.schedule.observe(batch_gain / last_size, fresh_gain / len(self.batch))
+            entry = {"batch_gain": int(batch_gain), "fresh_gain": int(fresh_gain)}
+        self.start_period()
+        return entry
+
+    def start_period(self) -> None:
+        self.period_start, self.period_fitness = self.search.best.copy(), int(self.search.best_fitness)
+
+    def fitness_of(self, categories: np.ndarray) -> int:
+        """Fitness on the current batch of another solution (an evaluation of its layers
+        that differ from the best solution)."""
+        if np.array_equal(categories, self.search.best):
+            return int(self.search.best_fitness)
+        theirs = as_weights(self.space.unflatten(self.space.values(categories)))
+        ours = self.best_weights()
+        differ = {n: w[None] for n, w in theirs.items() if not np.array_equal(w, ours[n])}
+        return int(self.evaluator.evaluate(differ)[0])
 
     def set_batch(self, teacher: torch.Tensor | None = None) -> None:
         """Hand the evaluator the drawn images with their labels and, for `distill`, the
@@ -291,7 +346,7 @@ class _Run:
         self.evaluator.set_batch(images, self.targets)
 
     def best_weights(self) -> dict[str, np.ndarray]:
-        return self.space.unflatten(self.search.best_values())
+        return as_weights(self.space.unflatten(self.search.best_values()))
 
     def best_program(self) -> Program:
         return self.initial.with_weights(self.best_weights())
@@ -308,6 +363,10 @@ class _Run:
             "macs": self.evaluator.macs,
             "history": self.history,
             "best_val": self.best_val,
+            "schedule": self.schedule.state_dict(),
+            "period_start": self.period_start,
+            "period_fitness": self.period_fitness,
+            "val_reference": self.val_reference,
         }
         write_state(self.dir / STATE_FILE, state, self.identity)
 
@@ -322,6 +381,10 @@ class _Run:
             self.evaluator.evaluations, self.evaluator.macs = int(state["evaluations"]), int(state["macs"])
             self.history = state["history"]
             self.best_val = state["best_val"]
+            self.schedule.load_state_dict(state["schedule"])
+            self.period_start = np.asarray(state["period_start"], dtype=np.int64)
+            self.period_fitness = int(state["period_fitness"])
+            self.val_reference = np.asarray(state["val_reference"], dtype=np.float64)
             teacher = None if state["teacher"] is None else torch.from_numpy(state["teacher"])
             self.set_batch(teacher)
         except (KeyError, TypeError, ValueError, IndexError) as exc:
@@ -351,8 +414,16 @@ class _Run:
             return self.evaluator.evaluations < self.cfg.budget_evals
         return self.elapsed < 60 * self.cfg.budget_minutes
 
-    def held_out_accuracy(self) -> float:
-        return evaluate_program(self.best_program(), self.val).accuracy
+    def out_of_patience(self) -> bool:
+        """The held-out accuracy has not improved for --patience-evals evaluations."""
+        if self.cfg.patience_evals is None or self.best_val is None:
+            return False
+        return self.evaluator.evaluations - self.best_val["evaluations"] >= self.cfg.patience_evals
+
+    def stop_reason(self) -> str:
+        if self.stopped_by:
+            return "interrupted"
+        return "patience" if self.out_of_patience() else "budget"
 
     def log(self, entry: dict) -> None:
         with open(self.dir / LOG_FILE, "a") as f:
@@ -360,7 +431,7 @@ class _Run:
 
     def generation(self) -> dict:
         samples = self.search.ask()
-        candidates = self.search.candidate_values(samples)
+        candidates = as_weights(self.search.candidate_values(samples))
         fitness = self.evaluator.evaluate(candidates)
         improved = self.search.tell(fitness)
         if improved:
@@ -369,6 +440,7 @@ class _Run:
             "generation": self.search.generation,
             "layers": sorted(candidates),
             "group_size": int(len(self.search.group)),
+            "fitness_images": int(len(self.batch)),
             "best_fitness": int(self.search.best_fitness),
             "population_max": int(fitness.max()),
             "population_mean": float(fitness.mean()),
@@ -384,7 +456,9 @@ class _Run:
             self.write_config()
             (self.dir / LOG_FILE).unlink(missing_ok=True)  # of an attempt that died before its first state
             save_program(self.initial, self.dir / "initial.ir")
+            self.val_reference = float_logits(self.float_model, self.val)
             self.new_batch()
+            self.start_period()
             self.record({"generation": 0, "best_fitness": int(self.search.best_fitness)}, evaluate=True)
             self.save_state()
         with signal_handler(STOP_SIGNALS, self.request_stop):
@@ -415,11 +489,12 @@ class _Run:
             disable=None if self.cfg.progress else True,
             desc="cc-eda",
         )
-        while self.budget_left() and not self.stopped_by:
+        while self.budget_left() and not self.stopped_by and not self.out_of_patience():
             start = time.perf_counter()
+            drawn = {}
             if self.search.generation > 0 and self.search.generation % self.cfg.new_batch_every == 0:
-                self.new_batch()
-            entry = self.generation()
+                drawn = self.next_batch()
+            entry = self.generation() | drawn
             self.elapsed += time.perf_counter() - start
             start = time.perf_counter()
             g = self.search.generation
@@ -430,6 +505,11 @@ class _Run:
             bar.update(done() - bar.n)
             bar.set_postfix(fitness=entry["best_fitness"], val=self.last_val(), refresh=False)
         bar.close()
+        if self.out_of_patience() and not self.stopped_by:
+            print(
+                f"stopped at generation {self.search.generation}: no better held-out accuracy in "
+                f"{self.cfg.patience_evals} evaluations (--patience-evals)"
+            )
 
     def record(self, entry: dict, evaluate: bool) -> None:
         entry.update(
@@ -439,8 +519,8 @@ class _Run:
             evals_per_s=round(self.evaluator.evaluations / self.elapsed, 2) if self.elapsed else None,
         )
         if evaluate:
-            entry["val_accuracy"] = self.held_out_accuracy()
-            point = {k: entry[k] for k in ("generation", "evaluations", "elapsed_s", "val_accuracy")}
+            entry.update(held_out_figures(self.best_program(), self.val, self.val_reference))
+            point = {k: entry[k] for k in ("generation", "evaluations", "elapsed_s", *HELD_OUT)}
             self.history.append(point)
             self.keep_if_best_on_val(point)
         self.log(entry)
@@ -472,9 +552,10 @@ class _Run:
         final = self.trained_program()
         save_program(final, self.dir / "final.ir")
         changed = int((self.search.best_values() != self.space.base).sum())
+        figures = held_out_figures(final, self.val, self.val_reference)
         summary = {
             "initial_val_accuracy": self.history[0]["val_accuracy"],
-            "final_val_accuracy": evaluate_program(final, self.val).accuracy,
+            **{f"final_{name}": value for name, value in figures.items()},
             "val_images": len(self.val),
             "generations": self.search.generation,
             "evaluations": self.evaluator.evaluations,
@@ -483,10 +564,12 @@ class _Run:
             "macs_per_eval": self.evaluator.macs // max(self.evaluator.evaluations, 1),
             "weights_changed": changed,
             "weights_searched": self.space.size,
+            "weights_widened": int((self.search.radius > self.space.radius).sum()),
             "final_ir": str(self.dir / "final.ir"),
             "final_ir_sha256": file_sha256(self.dir / "final.ir"),  # of the bytes written: sha256sum agrees
             "best_val": {**self.best_val, "ir": str(self.dir / "best_val.ir")} if self.best_val else None,
-            "complete": self.budget_left() is False,
+            "stopped": self.stop_reason(),
+            "complete": self.stop_reason() != "interrupted",
         }
         write_json(self.dir / "summary.json", summary)
         return summary
@@ -503,7 +586,23 @@ def search_space(program: Program, cfg: TrainConfig, positions: dict[str, np.nda
         {n: convs[n].weight_bits for n in names},
         cfg.radius,
         {n: positions[n] for n in names},
+        max_radius=cfg.max_radius if cfg.eda.widen_after else cfg.radius,
     )
+
+
+def as_weights(params: dict[Key, np.ndarray]) -> dict[str, np.ndarray]:
+    """Searched blocks as the evaluator's per-layer weights (only weights are searched)."""
+    if any(field_name != "weight" for _, field_name in params):
+        raise HwqError(f"only weights can be searched, not {sorted(params)}")
+    return {op: values for (op, _), values in params.items()}
+
+
+def batch_schedule(cfg: TrainConfig, train_images: int) -> BatchSchedule:
+    """Fixed at --fitness-images, or with --grow-batch doubling up to --max-fitness-images."""
+    if not cfg.grow_batch:
+        return BatchSchedule(cfg.fitness_images, cfg.fitness_images)
+    cap = cfg.max_fitness_images or train_images
+    return BatchSchedule(cfg.fitness_images, cap, cfg.grow_window, cfg.grow_below)
 
 
 def logit_lsbs(program: Program, real: float) -> int:
