@@ -11,6 +11,7 @@ import logging
 import sys
 import warnings
 
+from accel_sim.errors import DeviceError
 from accel_sim.ir import IRError
 
 from . import HwqError, __version__
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (HwqError, IRError) as exc:
+    except (HwqError, IRError, DeviceError) as exc:
         print(f"hwq {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
