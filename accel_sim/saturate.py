@@ -1,4 +1,4 @@
-"""Saturating accumulation replayed exactly, vectorized over outputs and over the K products.
+"""Saturating accumulation replayed exactly, vectorized over outputs (and mostly over steps).
 
 docs/datapath.md defines `acc = clamp(acc0)`, then `acc = clamp(acc + p[t])` for t = 0..K-1.
 With prefix sums `R[t] = p[0] + ... + p[t]` and `a = clamp(acc0)`, if only the upper bound
@@ -8,14 +8,13 @@ ever binds, the recursion has a closed form (a Lindley recursion):
 
 and only the lower bound can stop it from holding: once `a + min R >= lo` and the sums never
 fall by more than the range width (`max R - min R <= hi - lo`), it holds to the end, so the
-final value `R[K-1] + min(a, hi - max R)` needs one cumsum and two reductions over K. The
-mirror image covers outputs that only clip at `lo`. The few outputs left (their sums sweep
-the whole range) are replayed phase by phase: the one-bound form holds from any value until
-the first step that crosses the other bound, where the true value is that bound; each phase
-is one vectorized pass over all those outputs and steps, so the loop runs over crossings,
-not over the K steps. Sums that keep crossing (an accumulator barely wider than one
-product) finish with the step-by-step definition after MAX_PHASES passes, so no output
-costs more than a few passes over its K products.
+final value `R[K-1] + min(a, hi - max R)` needs one cumsum and two reductions over K, for
+all outputs at once. The mirror image covers outputs that only clip at `lo`, and outputs
+that never leave the range keep `a + R[K-1]`. Only outputs whose sums reach both bounds
+are replayed step by step, still vectorized over all of them, with the K steps laid out so
+that each step reads contiguous memory. (Looping instead over the crossings of the range,
+each phase between two a pass of the one-bound form, costs several passes over all M x K
+products per crossing; on a CPU that was far slower than these K small steps.)
 """
 
 from __future__ import annotations
@@ -24,8 +23,7 @@ import torch
 
 from .ir import Accumulator
 
-REPLAY_ELEMENTS = 1 << 20
-MAX_PHASES = 4
+REPLAY_ELEMENTS = 1 << 22
 
 
 def saturating_replay(
@@ -44,60 +42,16 @@ def saturating_replay(
     result = torch.where(over | under, result, a + last)
     rows = ((over & under) | ((over | under) & ~narrow)).nonzero().squeeze(1)
     if len(rows):
-        result[rows] = _crossings(prefix[rows], a[rows], lo, hi)
+        result[rows] = stepwise(products[rows].t().contiguous(), a[rows], lo, hi)
     return result, (a != acc0) | over | under
 
 
-def _crossings(prefix: torch.Tensor, value: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    """Outputs whose sums sweep the whole range: one pass per phase between crossings, each
-    the one-bound closed form (mirrored for the lower bound), from the bound just crossed."""
-    m, k = prefix.shape
-    dtype, device = prefix.dtype, prefix.device
-    no_bound = torch.iinfo(dtype).max // 4 if not dtype.is_floating_point else 2 / torch.finfo(dtype).eps
-    steps = torch.arange(k, device=device)
-    start = torch.zeros(m, dtype=torch.int64, device=device)
-    base = torch.zeros(m, dtype=dtype, device=device)
-    rising = torch.ones(m, dtype=torch.bool, device=device)
-    pending = torch.arange(m, device=device)
-    phases = 0
-
-    def pick(up: torch.Tensor, if_up: int, if_down: int) -> torch.Tensor:
-        return torch.where(up, if_up, if_down).to(dtype)
-
-    while len(pending):
-        if phases == MAX_PHASES:
-            value[pending] = _stepwise(prefix[pending], value[pending], start[pending], lo, hi)
-            break
-        phases += 1
-        up = rising[pending]
-        sign = pick(up, 1, -1)
-        run = (prefix[pending] - base[pending, None]) * sign[:, None]
-        before = steps < start[pending, None]
-        room = torch.where(before, no_bound, pick(up, hi, -lo)[:, None] - run).cummin(1).values
-        a = (value[pending] * sign)[:, None]
-        level = run + torch.minimum(a, room)
-        exits = (level < pick(up, lo, -hi)[:, None]) & ~before
-        exited = exits.any(1)
-        stay = ~exited
-        value[pending[stay]] = level[stay, -1] * sign[stay]
-        moved = pending[exited]
-        first = exits[exited].to(torch.int8).argmax(1)
-        value[moved] = pick(rising[moved], lo, hi)
-        base[moved] = prefix[moved, first]
-        start[moved] = first + 1
-        rising[moved] = ~rising[moved]
-        pending = moved
-    return value
-
-
-def _stepwise(
-    prefix: torch.Tensor, value: torch.Tensor, start: torch.Tensor, lo: int, hi: int
-) -> torch.Tensor:
-    """The definition itself, from each row's step `start` on: for sums that keep sweeping
-    the range (each phase then covers a few steps), a loop over K is the cheaper one."""
-    products = torch.diff(prefix, dim=1, prepend=torch.zeros_like(prefix[:, :1]))
-    for t in range(int(start.min()), prefix.shape[1]):
-        value = torch.where(start <= t, (value + products[:, t]).clamp(lo, hi), value)
+def stepwise(steps: torch.Tensor, value: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """The definition itself, for outputs that clip at both bounds, from a clamped start;
+    `steps` (K, M) holds step t of every output in row t."""
+    value = value.clone()
+    for step in steps:
+        value.add_(step).clamp_(lo, hi)
     return value
 
 
@@ -109,21 +63,6 @@ def patch_offsets(xp: torch.Tensor, kernel: int) -> torch.Tensor:
         *(torch.arange(s, device=xp.device) for s in (c, kernel, kernel)), indexing="ij"
     )
     return (channel * (h * w) + row * w + col).reshape(-1)
-
-
-def patches(
-    flat: torch.Tensor,
-    shape: torch.Size,
-    offsets: torch.Tensor,
-    batch: torch.Tensor,
-    y: torch.Tensor,
-    x: torch.Tensor,
-    stride: int,
-) -> torch.Tensor:
-    """(M, K) input patches of outputs (batch, y, x), gathered from the flattened input."""
-    _, c, h, w = shape
-    corner = batch * (c * h * w) + (y * stride) * w + x * stride
-    return torch.take(flat, corner[:, None] + offsets)
 
 
 def replay_at_risk(
@@ -142,20 +81,23 @@ def replay_at_risk(
     `acc` and `at_risk` are (R*N, O, H, W): R candidates of N images each. `xp` is the input,
     padded, either shared (N, ...) or per candidate (R*N, ...); `weight_rows` (Rw, O, K) and
     `init` (Ri, O) hold one row per candidate or one for all (Rw, Ri = 1), in the dtype the
-    replay runs in (see `saturating_replay`).
+    replay runs in (see `saturating_replay`). Products are formed for a chunk of outputs
+    at a time, REPLAY_ELEMENTS products at most.
     """
-    index = at_risk.nonzero()
-    chunk = max(1, REPLAY_ELEMENTS // weight_rows.shape[-1])
+    rw, o_ch, k = weight_rows.shape
+    weight_table = weight_rows.reshape(rw * o_ch, k)
     flat = xp.contiguous().view(-1)
     offsets = patch_offsets(xp, kernel)
+    _, c, h, w = xp.shape
     clipped_total = 0
-    for part in index.split(chunk):
+    for part in at_risk.nonzero().split(max(1, REPLAY_ELEMENTS // k)):
         row, o, y, x = part.unbind(1)
         candidate = row // images
         batch = row % images if xp.shape[0] == images else row
-        w = weight_rows[candidate if len(weight_rows) > 1 else 0, o]
+        corner = batch * (c * h * w) + (y * stride) * w + x * stride
+        products = torch.take(flat, corner[:, None] + offsets).to(weight_rows.dtype)
+        products.mul_(weight_table.index_select(0, (candidate if rw > 1 else 0) * o_ch + o))
         start = init[candidate if len(init) > 1 else 0, o]
-        products = patches(flat, xp.shape, offsets, batch, y, x, stride).to(w.dtype) * w
         values, clipped = saturating_replay(products, start, accumulator.lo, accumulator.hi)
         acc[row, o, y, x] = values.to(acc.dtype)
         clipped_total += int(clipped.sum())
