@@ -84,10 +84,10 @@ def test_compiled_requant_equals_reference():
 
 def test_forced_int64_paths_agree_with_fast_paths():
     program = program_for(QuantConfig(8, 16)).with_accumulator(Accumulator(20, "saturate"))
-    fast = FunctionalSim(program).run(images(8), record=True)
+    fast = FunctionalSim(program).run(images(4), record=True)
     slow_sim = FunctionalSim(program, force_int64=True)
     assert {s.arithmetic for s in slow_sim.layer_stats().values()} == {"int64"}
-    slow = slow_sim.run(images(8), record=True)
+    slow = slow_sim.run(images(4), record=True)
     for name in fast.activations:
         assert torch.equal(fast.activations[name], slow.activations[name]), name
     assert [s.overflows for s in fast.layers.values()] == [s.overflows for s in slow.layers.values()]
