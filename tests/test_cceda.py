@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from accel_sim.functional import FunctionalSim
-from accel_sim.ir import Accumulator, Conv2d, Program, Requant, TensorSpec
+from accel_sim.ir import WEIGHT, Accumulator, Conv2d, Program, Requant, TensorSpec
 from hwq import HwqError
 from hwq.search.cceda import (
     CCEDA,
@@ -191,12 +191,14 @@ def search_toy(evaluator: SimEvaluator, solved) -> tuple[int, int, np.ndarray]:
     fitness, weights found)."""
     s = SearchSpace.from_weights({"fc": evaluator.program.op("fc").weight}, {"fc": 4}, radius=1)
     search = CCEDA(s, EDAConfig(population=16, selected=4, group_size=40, generations_per_group=1), seed=0)
-    search.best_fitness = first = evaluator.set_solution(s.unflatten(search.best_values()))
+    search.best_fitness = first = evaluator.set_solution(
+        {("fc", WEIGHT): s.unflatten(search.best_values())["fc"]}
+    )
     for _ in range(600):
         if solved(search.best_fitness):
             break
         if search.tell(evaluator.evaluate(search.candidate_values(search.ask()))):
-            evaluator.set_solution(s.unflatten(search.best_values()))
+            evaluator.set_solution({("fc", WEIGHT): s.unflatten(search.best_values())["fc"]})
     return first, search.best_fitness, s.unflatten(search.best_values())["fc"]
 
 

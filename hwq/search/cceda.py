@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from accel_sim.ir import WEIGHT, ParamKey
+
 from .. import HwqError
 
 
@@ -248,7 +250,7 @@ class CCEDA:
         self.pending = sample_categories(self.probs[self.group], self.config.population, self.rng)
         return self.pending
 
-    def candidate_values(self, samples: np.ndarray) -> dict[str, np.ndarray]:
+    def candidate_values(self, samples: np.ndarray) -> dict[ParamKey, np.ndarray]:
         """Full weight tensors (P, ...) of the layers the group touches, for the evaluator."""
         layer = self.space.layer_index()
         touched = np.unique(layer[self.group])
@@ -260,7 +262,7 @@ class CCEDA:
             in_layer = (self.group >= lo) & (self.group < hi)
             cats[:, self.group[in_layer] - lo] = samples[:, in_layer]
             values = self.space.base[lo:hi] + cats - self.space.radius
-            out[self.space.names[index]] = values.reshape(len(samples), *self.space.shapes[index])
+            out[(self.space.names[index], WEIGHT)] = values.reshape(len(samples), *self.space.shapes[index])
         return out
 
     def tell(self, fitness: np.ndarray) -> bool:

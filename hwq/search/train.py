@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from accel_sim.ir import MAX_MULT_BITS, Accumulator, Program, program_digest, save_program
+from accel_sim.ir import MAX_MULT_BITS, WEIGHT, Accumulator, ParamKey, Program, program_digest, save_program
 
 from .. import HwqError, __version__
 from ..data import load_split
@@ -290,11 +290,11 @@ class _Run:
         self.targets = Targets(self.train.labels[self.batch], teacher)
         self.evaluator.set_batch(images, self.targets)
 
-    def best_weights(self) -> dict[str, np.ndarray]:
-        return self.space.unflatten(self.search.best_values())
+    def best_weights(self) -> dict[ParamKey, np.ndarray]:
+        return {(name, WEIGHT): w for name, w in self.space.unflatten(self.search.best_values()).items()}
 
     def best_program(self) -> Program:
-        return self.initial.with_weights(self.best_weights())
+        return self.initial.with_params(self.best_weights())
 
     def save_state(self) -> None:
         teacher = self.targets.teacher
@@ -367,7 +367,7 @@ class _Run:
             self.evaluator.set_solution({n: self.best_weights()[n] for n in candidates})
         return {
             "generation": self.search.generation,
-            "layers": sorted(candidates),
+            "layers": sorted({name for name, _ in candidates}),
             "group_size": int(len(self.search.group)),
             "best_fitness": int(self.search.best_fitness),
             "population_max": int(fitness.max()),
