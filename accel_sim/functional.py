@@ -1,28 +1,51 @@
 """Bit-exact functional model of the accelerator: runs an IR program on a batch of images.
 
 This is the trainer's fitness oracle, so it is fast: a convolution runs as a float32 GEMM
-when the layer's worst-case partial sum (from its actual integer weights, its bias and its
-input range) stays below 2**24, where float32 represents every partial sum exactly in any
-summation order; as float64 below 2**53; otherwise as an int64 GEMM. Accumulator overflow
-is exact too: wrap-around is a modulo of the exact sum, and saturation, which depends on
-the summation order, is replayed step by step only for the outputs whose positive or
-negative products could leave the accumulator range.
+when the layer's worst-case partial sum of products (from its actual integer weights and
+its input range) stays below 2**24, where float32 represents every partial sum exactly in
+any summation order; as float64 below 2**53; otherwise as an int64 GEMM. Accumulator
+overflow is exact too: wrap-around is a modulo of the exact sum, and saturation, which
+depends on the summation order, is replayed (vectorized, `saturate.py`) only for the
+outputs whose positive or negative products could leave the accumulator range.
+
+The same code evaluates a population of candidate programs that differ from this one in
+some weights, biases or requantization multipliers (`run_population`): candidates become a
+leading batch dimension, and every bound (GEMM dtype, overflow, requantization) is taken
+over all of them. On devices other than the CPU, convolutions run as explicit GEMMs under
+`device.exact_arithmetic()`, and a self-check against the int64 path guards each new
+combination of arithmetic and device (`self_check.py`).
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .ir import Accumulator, Conv2d, GlobalAvgPool, Op, Program, Requant, TensorSpec
+from . import self_check as _self_check
+from .conv_backends import BACKENDS, int64_conv
+from .device import exact_arithmetic, resolve_device
+from .errors import DeviceError
+from .ir import (
+    BIAS,
+    MULT,
+    WEIGHT,
+    Accumulator,
+    Conv2d,
+    GlobalAvgPool,
+    IRError,
+    Op,
+    ParamKey,
+    Program,
+    TensorSpec,
+    param_of,
+)
+from .requant import FLOAT64_EXACT, RequantParams, RequantStage, by_candidate, carrier_dtype, channel_tensor
+from .saturate import replay_at_risk
 
 FLOAT32_EXACT = 1 << 24
-FLOAT64_EXACT = 1 << 53
-SATURATE_CHUNK = 1 << 15
 
 
 def signed_bits(lo: int, hi: int) -> int:
@@ -60,7 +83,8 @@ class AccumulatorBound:
 
 
 def accumulator_bound(weight: np.ndarray, bias: np.ndarray, x: TensorSpec) -> AccumulatorBound:
-    """Bound of a conv with `weight` (..., O, C, k, k): any leading dims are candidates."""
+    """Bound of a conv with `weight` (..., O, C, k, k) and `bias` (..., O): any leading dims
+    are candidates (broadcast against each other)."""
     w = weight.astype(np.int64)
     init = bias - np.einsum("...ocij,c->...o", w, x.zero_points())
     at_lo, at_hi = w * x.qmin, w * x.qmax
@@ -70,11 +94,12 @@ def accumulator_bound(weight: np.ndarray, bias: np.ndarray, x: TensorSpec) -> Ac
     return AccumulatorBound(init=init, lo=init + neg, hi=init + pos, product_magnitude=magnitude)
 
 
-def arithmetic_for(product_magnitude: int) -> torch.dtype:
-    """The cheapest dtype whose GEMM is exact for sums of this magnitude."""
-    if product_magnitude < FLOAT32_EXACT:
+def arithmetic_for(magnitude: int) -> torch.dtype:
+    """The cheapest dtype in which every integer up to this magnitude, and every sum or
+    difference that stays within it, is exact."""
+    if magnitude < FLOAT32_EXACT:
         return torch.float32
-    if product_magnitude < FLOAT64_EXACT:
+    if magnitude < FLOAT64_EXACT:
         return torch.float64
     return torch.int64
 
@@ -99,17 +124,6 @@ class SimResult:
     activations: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def exact_conv(x: torch.Tensor, w: torch.Tensor, stride: int, padding: int) -> torch.Tensor:
-    """Integer convolution in the dtype of `w`; the caller has checked it is exact."""
-    if w.dtype != torch.int64:
-        return F.conv2d(x.to(w.dtype), w, stride=stride, padding=padding)
-    n, _, h, _ = x.shape
-    o, _, k, _ = w.shape
-    cols = F.unfold(x.to(torch.float64), k, padding=padding, stride=stride).to(torch.int64)
-    out_hw = (h + 2 * padding - k) // stride + 1
-    return (w.reshape(o, -1) @ cols).reshape(n, o, out_hw, out_hw)
-
-
 def pad_with_zero_point(x: torch.Tensor, zp: torch.Tensor, padding: int) -> torch.Tensor:
     """Spatial padding with each channel's zero point (a real-valued zero)."""
     z = zp.view(1, -1, 1, 1).to(x.dtype)
@@ -117,170 +131,13 @@ def pad_with_zero_point(x: torch.Tensor, zp: torch.Tensor, padding: int) -> torc
 
 
 def wrap_to(acc: torch.Tensor, a: Accumulator) -> torch.Tensor:
+    """Two's-complement wrap-around; exact in a float dtype holding |acc - lo| exactly (the
+    modulus is a power of two)."""
     return torch.remainder(acc - a.lo, 1 << a.bits) + a.lo
 
 
-def saturating_sums(
-    products: torch.Tensor, init: torch.Tensor, a: Accumulator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Replay acc = clamp(acc + p_k) in order k = 0..K-1; also say which outputs clipped."""
-    unclamped = init.clone()
-    acc = init.clamp(a.lo, a.hi)
-    clipped = acc != unclamped
-    for k in range(products.shape[1]):
-        unclamped = acc + products[:, k]
-        acc = unclamped.clamp(a.lo, a.hi)
-        clipped |= acc != unclamped
-    return acc, clipped
-
-
-def carrier_dtype(spec: TensorSpec) -> torch.dtype:
-    """float32 holds every activation exactly and feeds the GEMM without a cast."""
-    return torch.float32 if spec.bits <= 24 else torch.int64
-
-
-def fused_requant(
-    acc: torch.Tensor,
-    add: torch.Tensor,
-    mult: torch.Tensor,
-    res: torch.Tensor | None,
-    res_mult: torch.Tensor | None,
-    pad: tuple[int, int],
-    qmin: int,
-    qmax: int,
-) -> torch.Tensor:
-    """The float64 requant stage as one expression, for torch.compile to fuse into one pass.
-
-    Same arithmetic as _RequantPlan.apply's in-place eager form (which is faster without
-    a compiler); every intermediate is an exact multiple of 2**-shift below 2**53, so
-    fusing, reordering or contracting to FMA cannot change a bit.
-    """
-    v = acc.to(torch.float64) * mult + add
-    if res is not None:
-        v = v + F.pad(res, (0, 0, 0, 0, *pad)).to(torch.float64) * res_mult
-    return torch.floor(v).to(torch.float32).clamp(qmin, qmax)
-
-
-_compiled_requant = None
-
-
-def compiled_requant():
-    global _compiled_requant
-    if _compiled_requant is None:
-        _compiled_requant = torch.compile(fused_requant, dynamic=True)
-    return _compiled_requant
-
-
-def _as_long(t: np.ndarray, device: torch.device) -> torch.Tensor:
-    return torch.as_tensor(np.asarray(t, dtype=np.int64), device=device)
-
-
-def _channel_view(values: np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return torch.as_tensor(values, device=device).to(dtype).view(1, -1, 1, 1)
-
-
-class _RequantPlan:
-    """One requantization stage: y = clamp((acc * mult + add + residual) >> shift).
-
-    `add` gathers every per-channel constant (offset, rounding, output zero point, the
-    residual's zero point and, on the fast path, the accumulator's initial value), so the
-    stage is a multiply-add per input followed by floor and clamp. It runs in float64,
-    where every value is an exact multiple of 2**-shift below 2**53, and falls back to
-    int64 when the layer's bounds do not prove that.
-    """
-
-    def __init__(
-        self,
-        rq: Requant,
-        out: TensorSpec,
-        program: Program,
-        device: torch.device,
-        acc_magnitude: int,
-        init: np.ndarray,
-        force_int64: bool,
-        fuse: bool,
-    ):
-        self.qmin, self.qmax = out.qmin, out.qmax
-        self.carrier = carrier_dtype(out)
-        base = rq.offset + ((1 << rq.shift) >> 1) + (out.zero_points() << rq.shift)
-        self.residual = rq.residual
-        res_magnitude = 0
-        if rq.residual is not None:
-            res = program.tensors[rq.residual.input]
-            lo, hi = rq.residual.channel_pad
-            self.res_channels = slice(lo, out.channels - hi)
-            res_mult = rq.residual.mult[self.res_channels] << rq.residual.shift[self.res_channels]
-            base[self.res_channels] -= res.zero_points() * res_mult
-            res_magnitude = max(abs(res.qmin), abs(res.qmax)) * int(np.abs(res_mult).max(initial=0))
-        self.base = base
-        self.init_term = init * rq.mult
-        worst = (
-            acc_magnitude * int(np.abs(rq.mult).max())
-            + res_magnitude
-            + int(np.abs(base).max())
-            + int(np.abs(self.init_term).max(initial=0))
-        )
-        self.dtype = torch.int64 if force_int64 or worst >= FLOAT64_EXACT else torch.float64
-        headroom = FLOAT64_EXACT - 1 - res_magnitude - int(np.abs(base).max())
-        self.exact_acc_limit = (
-            headroom // max(int(np.abs(rq.mult).max()), 1) if self.dtype == torch.float64 else None
-        )
-        self.fused = fuse and self.dtype == torch.float64 and self.carrier == torch.float32
-        if self.dtype == torch.float64:
-            scale = np.exp2(-rq.shift.astype(np.float64))
-            self.m = _channel_view(rq.mult * scale, torch.float64, device)
-            self.add_with_init = _channel_view((base + self.init_term) * scale, torch.float64, device)
-            self.add_plain = _channel_view(base * scale, torch.float64, device)
-            if rq.residual is not None:
-                self.rm = _channel_view(res_mult * scale[self.res_channels], torch.float64, device)
-                padded = np.zeros(out.channels)
-                padded[self.res_channels] = res_mult * scale[self.res_channels]
-                self.rm_padded = _channel_view(padded, torch.float64, device)
-        else:
-            self.m = _channel_view(rq.mult, torch.int64, device)
-            self.add_with_init = _channel_view(base + self.init_term, torch.int64, device)
-            self.add_plain = _channel_view(base, torch.int64, device)
-            self.s = _channel_view(rq.shift, torch.int64, device)
-            if rq.residual is not None:
-                self.rm = _channel_view(res_mult, torch.int64, device)
-
-    def subsampled(self, residual: torch.Tensor) -> torch.Tensor:
-        stride = self.residual.stride
-        return residual[:, :, ::stride, ::stride]
-
-    def apply(self, acc: torch.Tensor, residual: torch.Tensor | None, with_init: bool) -> torch.Tensor:
-        """Requantize `acc`; `with_init` says the accumulator's initial value is not in it yet.
-
-        The result comes back in the output's carrier dtype. The clamp runs after that cast,
-        which is safe because the cast is monotonic and the clamp range is exact in it.
-        """
-        if self.fused:
-            return self.apply_fused(acc, residual, with_init)
-        v = acc.to(self.dtype)
-        torch.addcmul(self.add_with_init if with_init else self.add_plain, v, self.m, out=v)
-        if self.residual is not None:
-            r = self.subsampled(residual)
-            v[:, self.res_channels].addcmul_(r if self.dtype == torch.float64 else r.to(torch.int64), self.rm)
-        if self.dtype == torch.float64:
-            v.floor_()
-        else:
-            v.bitwise_right_shift_(self.s)
-        return v.to(self.carrier).clamp_(self.qmin, self.qmax)
-
-    def apply_fused(self, acc: torch.Tensor, residual: torch.Tensor | None, with_init: bool) -> torch.Tensor:
-        add = self.add_with_init if with_init else self.add_plain
-        if self.residual is None:
-            return compiled_requant()(acc, add, self.m, None, None, (0, 0), self.qmin, self.qmax)
-        return compiled_requant()(
-            acc,
-            add,
-            self.m,
-            self.subsampled(residual),
-            self.rm_padded,
-            self.residual.channel_pad,
-            self.qmin,
-            self.qmax,
-        )
+def _long(values: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(values, dtype=np.int64), device=device)
 
 
 def residual_of(plan: _ConvPlan | _PoolPlan, env: dict[str, torch.Tensor]) -> torch.Tensor | None:
@@ -288,39 +145,60 @@ def residual_of(plan: _ConvPlan | _PoolPlan, env: dict[str, torch.Tensor]) -> to
     return None if res is None else env[res.input]
 
 
-class _ConvPlan:
-    def __init__(self, op: Conv2d, program: Program, device: torch.device, force_int64: bool, fuse: bool):
-        x = program.tensors[op.input]
-        self.op = op
-        self.acc = program.accumulator
-        self.bound = accumulator_bound(op.weight, op.bias, x)
-        self.no_overflow = self.bound.fits(self.acc)
-        self.input_signed = x.qmin < 0
-        self.x_spec = x
-        self.dtype = torch.int64 if force_int64 else arithmetic_for(self.bound.product_magnitude)
-        self.weight = self.to_device(op.weight, self.dtype, device)
-        self.weight_long = torch.as_tensor(op.weight, dtype=torch.int64, device=device)
-        self.init = _as_long(self.bound.init, device).view(1, -1, 1, 1)
-        zp = x.zero_points()
-        self.zero_point = _as_long(zp, device) if np.any(zp != 0) else None
-        acc_magnitude = self.bound.acc_magnitude
-        if not self.no_overflow:
-            acc_magnitude = 1 << (self.acc.bits - 1)
-        self.requant = _RequantPlan(
-            op.requant,
-            program.tensors[op.output],
-            program,
-            device,
-            acc_magnitude,
-            self.bound.init,
-            force_int64,
-            fuse,
-        )
+Accumulators = dict[str, torch.Tensor] | None
 
-    @staticmethod
-    def to_device(weight: np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        w = torch.as_tensor(weight, device=device).to(dtype)
-        return w if dtype == torch.int64 else w.contiguous(memory_format=torch.channels_last)
+
+def recorded(accumulators: Accumulators, name: str, acc: torch.Tensor) -> torch.Tensor:
+    """Keep a copy of an op's accumulators when asked (the requant stage may reuse them)."""
+    if accumulators is not None:
+        accumulators[name] = acc.to(torch.int64, copy=True)
+    return acc
+
+
+@dataclass
+class _Accumulated:
+    """Accumulators (R*N, O, H, W); `with_init`: the initial value is in them, which happens
+    exactly when overflow had to be handled (it is folded into the requant stage otherwise)."""
+
+    acc: torch.Tensor
+    with_init: bool
+    overflows: int = 0
+
+
+class _ConvPlan:
+    def __init__(
+        self, op: Conv2d, program: Program, device: torch.device, backend, force_int64: bool, fuse: bool
+    ):
+        x = program.tensors[op.input]
+        self.op, self.x_spec, self.acc = op, x, program.accumulator
+        self.device, self.backend, self.force_int64 = device, backend, force_int64
+        self.input_signed = x.qmin < 0
+        self.bound = accumulator_bound(op.weight, op.bias, x)
+        self.dtype = self.conv_dtype(self.bound)
+        self.weight = self.on_device(op.weight, self.dtype)
+        zp = x.zero_points()
+        self.zero_point = _long(zp, device) if np.any(zp != 0) else None
+        self.requant = RequantStage(
+            op.requant, program.tensors[op.output], program, device, force_int64, fuse
+        )
+        with_init = not self.bound.fits(self.acc)
+        self.own = {with_init: self.requant_params(op.requant.mult, self.bound, with_init)}
+
+    def conv_dtype(self, bound: AccumulatorBound) -> torch.dtype:
+        return torch.int64 if self.force_int64 else arithmetic_for(bound.product_magnitude)
+
+    def on_device(self, weight: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+        w = torch.as_tensor(weight, device=self.device).to(dtype)
+        if w.dim() == 4 and dtype != torch.int64 and self.backend.name == "native":
+            return w.contiguous(memory_format=torch.channels_last)
+        return w
+
+    def requant_params(self, mult: np.ndarray, bound: AccumulatorBound, with_init: bool) -> RequantParams:
+        """Overflow handled (`with_init`): the accumulators are in the accumulator's range and
+        hold their initial value; otherwise they are bounded by the products alone."""
+        if with_init:
+            return self.requant.params(mult, None, 1 << (self.acc.bits - 1))
+        return self.requant.params(mult, bound.init, bound.product_magnitude)
 
     def stats(self) -> LayerStats:
         return LayerStats(
@@ -331,93 +209,126 @@ class _ConvPlan:
             acc_max=int(self.bound.hi.max()),
         )
 
+    def signature(self) -> tuple:
+        """What decides which arithmetic this layer runs (the self-check's cache key)."""
+        mode = "exact" if self.bound.fits(self.acc) else self.acc.overflow
+        requant = tuple(str(p.dtype) for p in self.own.values())
+        flags = (self.input_signed, self.zero_point is not None, self.requant.fuse)
+        return ("conv", str(self.dtype), mode, requant, *flags)
+
     def padded_input(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         if self.zero_point is None:
             return x, self.op.padding
         return pad_with_zero_point(x, self.zero_point, self.op.padding), 0
 
-    def conv(self, x: torch.Tensor, w: torch.Tensor, pad: int) -> torch.Tensor:
-        return exact_conv(x, w, self.op.stride, pad)
+    def conv(self, xp: torch.Tensor, w: torch.Tensor, pad: int, images: int) -> torch.Tensor:
+        """Exact products' sums (R*N, O, H, W) for weights (O, ...) or per candidate (P, O, ...)."""
+        stride = self.op.stride
+        if w.dtype == torch.int64:
+            return int64_conv(xp, w, stride, pad)
+        if w.dim() == 4:
+            return self.backend.conv(xp, w, stride, pad)
+        return self.backend.population_conv(xp, w, stride, pad, shared_input=xp.shape[0] == images)
 
-    def candidate_accumulators(
-        self, x: torch.Tensor, weights: np.ndarray, shared_input: bool
-    ) -> torch.Tensor | None:
-        """Accumulators (P*N, O, H, W) of P candidate weight sets (P, O, C, k, k) at once.
-
-        The input is either one batch (N, ...) shared by all candidates or one batch per
-        candidate (P*N, ...), which becomes a grouped convolution. None when the fast path
-        cannot prove exactness for every candidate (the caller replays them one by one).
-        """
-        p, o = weights.shape[:2]
-        bound = accumulator_bound(weights, self.op.bias, self.x_spec)
-        limit = self.requant.exact_acc_limit
-        if not bound.fits(self.acc) or (limit is not None and bound.acc_magnitude > limit):
-            return None
-        dtype = arithmetic_for(max(bound.product_magnitude, bound.acc_magnitude))
-        if dtype == torch.int64 or self.dtype == torch.int64:
-            return None
-        w = torch.as_tensor(weights, device=self.weight.device).to(dtype).reshape(p * o, *weights.shape[2:])
+    def accumulate(
+        self, x: torch.Tensor, w: torch.Tensor, bound: AccumulatorBound, images: int, count: bool
+    ) -> _Accumulated:
         xp, pad = self.padded_input(x)
-        if shared_input:
-            y = F.conv2d(xp.to(dtype), w, stride=self.op.stride, padding=pad)
+        if bound.fits(self.acc):
+            return _Accumulated(self.conv(xp, w, pad, images), False)
+        a = self.acc
+        wide = arithmetic_for(bound.product_magnitude + int(np.abs(bound.init).max()) + (1 << a.bits))
+        wide = torch.int64 if self.force_int64 else wide
+        init = channel_tensor(bound.init, wide, self.device)
+        if a.overflow == "saturate":
+            return self.saturated(xp, w, pad, bound, init, images)
+        exact = by_candidate(self.conv(xp, w, pad, images).to(wide), images) + init
+        overflows = int(((exact < a.lo) | (exact > a.hi)).sum()) if count else 0
+        return _Accumulated(wrap_to(exact, a).flatten(0, 1), True, overflows)
+
+    def signed_sums(
+        self, xp: torch.Tensor, w: torch.Tensor, pad: int, images: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sums of all products and of the positive ones, for every output."""
+        w_pos = w.clamp(min=0)
+        if not self.input_signed:
+            both = self.conv(xp, torch.cat([w, w_pos], dim=-4), pad, images)
+            o = w.shape[-4]
+            return both[:, :o], both[:, o:]
+        total = self.conv(xp, w, pad, images)
+        pos = self.conv(xp.clamp(min=0), w_pos, pad, images) + self.conv(
+            xp.clamp(max=0), w.clamp(max=0), pad, images
+        )
+        return total, pos
+
+    def saturated(
+        self,
+        xp: torch.Tensor,
+        w: torch.Tensor,
+        pad: int,
+        bound: AccumulatorBound,
+        init: torch.Tensor,
+        images: int,
+    ) -> _Accumulated:
+        """Exact sums for outputs whose positive (negative) products alone keep the running
+        sum in range, which therefore cannot clip; the vectorized replay for the rest."""
+        a = self.acc
+        total, pos = (by_candidate(t.to(init.dtype), images) for t in self.signed_sums(xp, w, pad, images))
+        acc = total + init
+        at_risk = (pos + init > a.hi) | (acc - pos < a.lo) | (init < a.lo) | (init > a.hi)
+        acc = acc.flatten(0, 1)
+        if not bool(at_risk.any()):
+            return _Accumulated(acc, True)
+        reach = 2 * bound.product_magnitude + int(np.abs(bound.init).max()) + (1 << a.bits)
+        dtype = torch.int64 if self.force_int64 else arithmetic_for(2 * reach)
+        k = self.op.kernel
+        rows = w.reshape(-1, w.shape[-4], w.shape[-3] * k * k).to(dtype)
+        starts = torch.as_tensor(np.asarray(bound.init).reshape(-1, rows.shape[1]), device=self.device).to(
+            dtype
+        )
+        padded = F.pad(xp, (pad,) * 4) if pad else xp
+        clipped = replay_at_risk(
+            acc, at_risk.flatten(0, 1), padded, rows, starts, a, k, self.op.stride, images
+        )
+        return _Accumulated(acc, True, clipped)
+
+    def run(
+        self, env: dict[str, torch.Tensor], accumulators: Accumulators = None
+    ) -> tuple[torch.Tensor, int, int]:
+        x = env[self.op.input]
+        result = self.accumulate(x, self.weight, self.bound, x.shape[0], count=True)
+        acc = recorded(accumulators, self.op.name, result.acc)
+        out = self.requant.apply(acc, residual_of(self, env), self.own[result.with_init], x.shape[0])
+        return out, result.overflows, acc.numel()
+
+    def run_candidates(
+        self,
+        env: dict[str, torch.Tensor],
+        params: dict[str, np.ndarray],
+        images: int,
+        accumulators: Accumulators,
+    ) -> torch.Tensor | None:
+        """Outputs (P*N, ...) of P candidates' `params` (field -> (P, ...)) on inputs that
+        are shared (N, ...) or per candidate (P*N, ...); None if a GEMM needs int64."""
+        weight, bias, mult = params.get(WEIGHT), params.get(BIAS), params.get(MULT)
+        bound, w = self.bound, self.weight
+        if weight is not None or bias is not None:
+            bound = accumulator_bound(
+                self.op.weight if weight is None else weight,
+                self.op.bias if bias is None else bias,
+                self.x_spec,
+            )
+        if weight is not None:
+            w = self.on_device(weight, self.conv_dtype(bound))
+        if w.dtype == torch.int64:
+            return None
+        result = self.accumulate(env[self.op.input], w, bound, images, count=False)
+        if params:
+            rq = self.requant_params(self.op.requant.mult if mult is None else mult, bound, result.with_init)
         else:
-            n = xp.shape[0] // p
-            grouped = xp.reshape(p, n, *xp.shape[1:]).transpose(0, 1).reshape(n, -1, *xp.shape[2:])
-            y = F.conv2d(grouped.to(dtype), w, stride=self.op.stride, padding=pad, groups=p)
-        n = y.shape[0]
-        y = y.reshape(n, p, o, *y.shape[2:]).transpose(0, 1)
-        y = y + torch.as_tensor(bound.init, device=y.device).to(dtype).view(p, 1, o, 1, 1)
-        return y.reshape(p * n, o, *y.shape[3:]).contiguous(memory_format=torch.channels_last)
-
-    def run(self, env: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, int]:
-        xp, pad = self.padded_input(env[self.op.input])
-        if self.no_overflow:
-            acc = self.conv(xp, self.weight, pad)
-            return self.requant.apply(acc, residual_of(self, env), with_init=True), 0, acc.numel()
-        if self.acc.overflow == "wrap":
-            acc, overflows = self.wrapped(xp, pad)
-        else:
-            acc, overflows = self.saturated(xp, pad)
-        return self.requant.apply(acc, residual_of(self, env), with_init=False), overflows, acc.numel()
-
-    def wrapped(self, xp: torch.Tensor, pad: int) -> tuple[torch.Tensor, int]:
-        exact = self.conv(xp, self.weight, pad).to(torch.int64) + self.init
-        outside = (exact < self.acc.lo) | (exact > self.acc.hi)
-        return wrap_to(exact, self.acc), int(outside.sum())
-
-    def signed_parts(self, xp: torch.Tensor, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sums of the positive and of the negative products of every output."""
-        w_pos, w_neg = self.weight.clamp(min=0), self.weight.clamp(max=0)
-        x_pos = xp.clamp(min=0)
-        pos = self.conv(x_pos, w_pos, pad).to(torch.int64)
-        neg = self.conv(x_pos, w_neg, pad).to(torch.int64)
-        if self.input_signed:
-            x_neg = xp.clamp(max=0)
-            pos += self.conv(x_neg, w_neg, pad).to(torch.int64)
-            neg += self.conv(x_neg, w_pos, pad).to(torch.int64)
-        return pos, neg
-
-    def saturated(self, xp: torch.Tensor, pad: int) -> tuple[torch.Tensor, int]:
-        """Exact sums for outputs that cannot saturate; an in-order replay for the rest."""
-        pos, neg = self.signed_parts(xp, pad)
-        acc = self.init + pos + neg
-        at_risk = (self.init + pos > self.acc.hi) | (self.init + neg < self.acc.lo)
-        at_risk |= (self.init < self.acc.lo) | (self.init > self.acc.hi)
-        idx = at_risk.nonzero()
-        if len(idx) == 0:
-            return acc, 0
-        cols = F.unfold(xp.to(torch.float64), self.op.kernel, padding=pad, stride=self.op.stride)
-        cols = cols.to(torch.int64)
-        w_rows = self.weight_long.reshape(self.op.out_channels, -1)
-        width = acc.shape[3]
-        clipped_total = 0
-        for chunk in idx.split(SATURATE_CHUNK):
-            n, o, i, j = chunk.unbind(1)
-            products = cols[n, :, i * width + j] * w_rows[o]
-            values, clipped = saturating_sums(products, self.init.view(-1)[o], self.acc)
-            acc[n, o, i, j] = values
-            clipped_total += int(clipped.sum())
-        return acc, clipped_total
+            rq = self.own[result.with_init]
+        acc = recorded(accumulators, self.op.name, result.acc)
+        return self.requant.apply(acc, residual_of(self, env), rq, images)
 
 
 class _PoolPlan:
@@ -427,32 +338,52 @@ class _PoolPlan:
         self.op = op
         x = program.tensors[op.input]
         area = x.shape[1] * x.shape[2]
-        magnitude = area * max(abs(x.qmin), abs(x.qmax))
-        self.requant = _RequantPlan(
-            op.requant,
-            program.tensors[op.output],
-            program,
-            device,
-            magnitude,
-            -area * x.zero_points(),
-            force_int64,
-            fuse,
+        self.magnitude = area * max(abs(x.qmin), abs(x.qmax))
+        self.init = -area * x.zero_points()
+        self.requant = RequantStage(
+            op.requant, program.tensors[op.output], program, device, force_int64, fuse
         )
+        self.own = self.requant.params(op.requant.mult, self.init, self.magnitude)
 
     def stats(self) -> LayerStats:
-        return LayerStats(self.op.name, str(self.requant.dtype).removeprefix("torch."), 0, 0, 0)
+        return LayerStats(self.op.name, str(self.own.dtype).removeprefix("torch."), 0, 0, 0)
 
-    def run(self, env: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, int]:
-        total = env[self.op.input].to(self.requant.dtype).sum(dim=(2, 3), keepdim=True)
-        return self.requant.apply(total, None, with_init=True), 0, total.numel()
+    def signature(self) -> tuple:
+        return ("pool", str(self.own.dtype), self.requant.fuse)
+
+    def pooled(
+        self, x: torch.Tensor, params: RequantParams, images: int, accumulators: Accumulators
+    ) -> torch.Tensor:
+        total = recorded(accumulators, self.op.name, x.to(params.dtype).sum(dim=(2, 3), keepdim=True))
+        return self.requant.apply(total, None, params, images)
+
+    def run(
+        self, env: dict[str, torch.Tensor], accumulators: Accumulators = None
+    ) -> tuple[torch.Tensor, int, int]:
+        x = env[self.op.input]
+        out = self.pooled(x, self.own, x.shape[0], accumulators)
+        return out, 0, out.numel()
+
+    def run_candidates(
+        self,
+        env: dict[str, torch.Tensor],
+        params: dict[str, np.ndarray],
+        images: int,
+        accumulators: Accumulators,
+    ) -> torch.Tensor:
+        mult = params.get(MULT)
+        rq = self.own if mult is None else self.requant.params(mult, self.init, self.magnitude)
+        return self.pooled(env[self.op.input], rq, images, accumulators)
 
 
-def _plan(
-    op: Op, program: Program, device: torch.device, force_int64: bool, fuse: bool
-) -> _ConvPlan | _PoolPlan:
-    if isinstance(op, Conv2d):
-        return _ConvPlan(op, program, device, force_int64, fuse)
-    return _PoolPlan(op, program, device, force_int64, fuse)
+def choose_backend(name: str | None, device: torch.device):
+    """`native` on the CPU and `gemm` elsewhere by default; `native` only on the CPU."""
+    name = name or ("native" if device.type == "cpu" else "gemm")
+    if name not in BACKENDS:
+        raise DeviceError(f"unknown conv backend {name!r} (one of {sorted(BACKENDS)})")
+    if name == "native" and device.type != "cpu":
+        raise DeviceError(f"the native conv backend is exact on the CPU only, not on {device}; use 'gemm'")
+    return BACKENDS[name]
 
 
 class FunctionalSim:
@@ -464,24 +395,37 @@ class FunctionalSim:
         device: str | torch.device = "cpu",
         force_int64: bool = False,
         compile: bool = False,
+        conv_backend: str | None = None,
+        self_check: bool | None = None,
     ):
         """`force_int64` runs every layer in int64 (slow): a cross-check of the fast paths.
         `compile` fuses each requant stage with torch.compile: faster on large batches,
-        after a one-time compilation of several seconds per process."""
+        after a one-time compilation of several seconds per process. `conv_backend`:
+        "native" (torch's convolution; the CPU default) or "gemm" (unfold + matmul; the
+        only one allowed elsewhere). `self_check`: compare a probe batch with the int64
+        path before use; None does it on devices other than the CPU, once per arithmetic
+        and device; True always (and ignores that cache)."""
         program.validate()
         self.program = program
-        self.device = torch.device(device)
-        self.plans = [_plan(op, program, self.device, force_int64, compile) for op in program.ops]
+        self.device = resolve_device(device)
+        self.backend = choose_backend(conv_backend, self.device)
+        self.force_int64 = force_int64
+        self.plans = [self._plan(op, compile) for op in program.ops]
+        self.op_index = {op.name: i for i, op in enumerate(program.ops)}
+        if self_check or (self_check is None and self.device.type != "cpu"):
+            _self_check.check_exactness(self, cached=self_check is None)
+
+    def _plan(self, op: Op, fuse: bool) -> _ConvPlan | _PoolPlan:
+        if isinstance(op, Conv2d):
+            return _ConvPlan(op, self.program, self.device, self.backend, self.force_int64, fuse)
+        return _PoolPlan(op, self.program, self.device, self.force_int64, fuse)
 
     def layer_stats(self) -> dict[str, LayerStats]:
         return {plan.op.name: plan.stats() for plan in self.plans}
 
-    def _exactness_context(self):
-        """On CUDA, TF32 and cuDNN's Winograd/FFT algorithms would round: switch them off."""
-        if self.device.type != "cuda":
-            return nullcontext()
-        torch.backends.cuda.matmul.allow_tf32 = False
-        return torch.backends.cudnn.flags(enabled=False)
+    def arithmetic(self) -> tuple:
+        """Every choice of arithmetic this simulator makes for its own program."""
+        return (str(self.device), self.backend.name, tuple(plan.signature() for plan in self.plans))
 
     def input_carrier(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Check a batch of images against the program input and put it in carrier form."""
@@ -498,62 +442,95 @@ class FunctionalSim:
         return values.to(self.device, dtype).contiguous(memory_format=torch.channels_last)
 
     def execute(
-        self, env: dict[str, torch.Tensor], start: int = 0, stop: int | None = None
+        self,
+        env: dict[str, torch.Tensor],
+        start: int = 0,
+        stop: int | None = None,
+        accumulators: Accumulators = None,
     ) -> dict[str, LayerStats]:
-        """Run ops[start:stop] over `env` (tensor name -> carrier tensor), adding their outputs.
+        """Run ops[start:stop] over `env` (tensor name -> carrier tensor), adding their outputs
+        (and, into `accumulators` when given, each op's int64 accumulators before requant).
 
         Starting past op 0 lets a caller reuse activations it already has (the trainer's
         incremental fitness, per-layer comparisons).
         """
         stats = {}
-        with torch.no_grad(), self._exactness_context():
+        with torch.no_grad(), exact_arithmetic():
             for plan in self.plans[start:stop]:
-                out, overflows, outputs = plan.run(env)
+                out, overflows, outputs = plan.run(env, accumulators)
                 env[plan.op.output] = out
                 layer = plan.stats()
                 layer.overflows, layer.outputs = overflows, outputs
                 stats[plan.op.name] = layer
         return stats
 
+    def grouped_candidates(
+        self, start: int, candidates: dict[ParamKey, np.ndarray]
+    ) -> tuple[int, dict[str, dict[str, np.ndarray]]]:
+        """The population size and each op's candidate fields, checked against the program."""
+        if not candidates:
+            raise IRError("a population needs at least one candidate parameter")
+        population = len(next(iter(candidates.values())))
+        by_op: dict[str, dict[str, np.ndarray]] = {}
+        for (name, fld), values in candidates.items():
+            if name not in self.op_index:
+                raise IRError(f"candidates name no op {name!r}")
+            if self.op_index[name] < start:
+                raise IRError(f"candidates for {name!r}, which runs before the start op {start}")
+            want = (population, *param_of(self.program.ops[self.op_index[name]], fld).shape)
+            v = np.asarray(values, dtype=np.int64)
+            if v.shape != want:
+                raise IRError(f"candidates for {name}.{fld} must have shape {want}, not {v.shape}")
+            by_op.setdefault(name, {})[fld] = v
+        return population, by_op
+
+    def population_activations(
+        self,
+        env: dict[str, torch.Tensor],
+        start: int,
+        candidates: dict[ParamKey, np.ndarray],
+        accumulators: Accumulators = None,
+    ) -> dict[str, torch.Tensor] | None:
+        """Every tensor of P candidates (see `run_population`): (P*N, ...) for the tensors
+        the candidates change, (N, ...) for the others; None if a GEMM needs int64. Each
+        op's accumulators go into `accumulators` when given."""
+        population, by_op = self.grouped_candidates(start, candidates)
+        images = next(iter(env.values())).shape[0]
+        tensors = dict(env)
+        per_candidate: set[str] = set()
+        with torch.no_grad(), exact_arithmetic():
+            for plan in self.plans[start:]:
+                op, res = plan.op, plan.requant.residual
+                params = by_op.get(op.name, {})
+                reads = [op.input] + ([res.input] if res is not None else [])
+                if not params and not per_candidate.intersection(reads):
+                    tensors[op.output] = plan.run(tensors, accumulators)[0]
+                    continue
+                out = plan.run_candidates(tensors, params, images, accumulators)
+                if out is None:
+                    return None
+                tensors[op.output] = out
+                per_candidate.add(op.output)
+        return tensors
+
     def run_population(
-        self, env: dict[str, torch.Tensor], start: int, candidates: dict[str, np.ndarray]
+        self, env: dict[str, torch.Tensor], start: int, candidates: dict[ParamKey, np.ndarray]
     ) -> torch.Tensor | None:
-        """Logits (P, N, classes) of P candidates that differ from the program only in the
-        weights of the conv ops named in `candidates` (each (P, O, C, k, k)).
+        """Logits (P, N, classes) of P candidates that differ from the program in the
+        parameters `candidates` names: (op, field) -> (P, ...) values of a conv's `weight`
+        or `bias`, or of an op's requant `mult` (any parameter absent is the program's).
 
         `env` holds the program's own activations of N images for every tensor an op from
         `start` on reads before it is recomputed: the cache that makes fitness incremental.
-        Returns None when exactness cannot be proved for the batched form (a candidate
-        might overflow the accumulator); run such candidates with `with_weights` instead.
+        Candidate values are not checked against the IR's limits (`Program.with_params`
+        does that); every bound is computed from them, so the result is exact whatever
+        they are. Returns None only when a convolution's products need int64 (beyond
+        2**53), which the batched form does not do: run such candidates one by one.
         """
+        tensors = self.population_activations(env, start, candidates)
+        if tensors is None:
+            return None
         population = len(next(iter(candidates.values())))
-        tensors = dict(env)
-        per_candidate: set[str] = set()
-
-        def matched(name: str) -> torch.Tensor:
-            t = tensors[name]
-            return t if name in per_candidate else t.repeat(population, 1, 1, 1)
-
-        with torch.no_grad(), self._exactness_context():
-            for plan in self.plans[start:]:
-                op = plan.op
-                res = plan.requant.residual
-                inputs = [op.input] + ([res.input] if res is not None else [])
-                if op.name in candidates:
-                    acc = plan.candidate_accumulators(
-                        tensors[op.input], candidates[op.name], op.input not in per_candidate
-                    )
-                    if acc is None:
-                        return None
-                    out = plan.requant.apply(acc, matched(res.input) if res else None, with_init=False)
-                elif any(name in per_candidate for name in inputs):
-                    out = plan.run({name: matched(name) for name in inputs})[0]
-                else:
-                    out = plan.run(tensors)[0]
-                    tensors[op.output] = out
-                    continue
-                tensors[op.output] = out
-                per_candidate.add(op.output)
         logits = tensors[self.program.output].to(torch.int64)
         return logits.reshape(population, -1, logits.shape[1])
 

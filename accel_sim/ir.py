@@ -43,6 +43,12 @@ REQUANT_BOUND_BITS = 61
 REQUANT_BOUND = 1 << REQUANT_BOUND_BITS
 REQUANT_BOUND_TEXT = f"2**{REQUANT_BOUND_BITS}"
 
+# The integer parameters a search may change, keyed (op name, field): a conv's `weight`
+# (O, C, k, k) and `bias` (O,), and any op's requantization multiplier `mult` (O,).
+ParamKey = tuple[str, str]
+WEIGHT, BIAS, MULT = "weight", "bias", "mult"
+PARAM_FIELDS = (WEIGHT, BIAS, MULT)
+
 
 class IRError(ValueError):
     """A program, or an IR file, that breaks the datapath contract."""
@@ -190,6 +196,15 @@ class GlobalAvgPool:
 Op = Conv2d | GlobalAvgPool
 
 
+def param_of(op: Op, field: str) -> np.ndarray:
+    """The op's own value of a searchable parameter; IRError if the op has no such field."""
+    if field == MULT:
+        return op.requant.mult
+    if field in (WEIGHT, BIAS) and isinstance(op, Conv2d):
+        return getattr(op, field)
+    raise IRError(f"op {op.name!r} has no searchable parameter {field!r} (fields: {PARAM_FIELDS})")
+
+
 @dataclass
 class Program:
     """A straight-line integer program: ops in execution order over named tensors."""
@@ -218,13 +233,24 @@ class Program:
 
     def with_weights(self, weights: dict[str, np.ndarray]) -> Program:
         """A copy with some conv weights replaced (the trainer's candidate solutions)."""
-        ops = [
-            replace(op, weight=np.asarray(weights[op.name], dtype=np.int64)) if op.name in weights else op
-            for op in self.ops
-        ]
-        unknown = set(weights) - {op.name for op in self.ops}
+        return self.with_params({(name, WEIGHT): w for name, w in weights.items()})
+
+    def with_params(self, params: dict[ParamKey, np.ndarray]) -> Program:
+        """A validated copy with some searchable parameters replaced (see `param_of`)."""
+        unknown = sorted({name for name, _ in params} - {op.name for op in self.ops})
         if unknown:
-            raise IRError(f"no conv layers named {sorted(unknown)}")
+            raise IRError(f"no ops named {unknown}")
+        ops = []
+        for op in self.ops:
+            values = {f: np.asarray(v, dtype=np.int64) for (name, f), v in params.items() if name == op.name}
+            for f, v in values.items():
+                if v.shape != param_of(op, f).shape:
+                    raise IRError(
+                        f"op {op.name!r}: {f} must have shape {param_of(op, f).shape}, not {v.shape}"
+                    )
+            if MULT in values:
+                op = replace(op, requant=replace(op.requant, mult=values.pop(MULT)))
+            ops.append(replace(op, **values) if values else op)
         program = replace(self, ops=ops)
         program.validate()
         return program

@@ -20,6 +20,7 @@ import numpy as np
 
 warnings.filterwarnings("ignore")
 
+from accel_sim.ir import WEIGHT, ParamKey  # noqa: E402
 from hwq.data import load_split  # noqa: E402
 from hwq.quant.evaluate import prepare  # noqa: E402
 from hwq.quant.model import QuantConfig  # noqa: E402
@@ -30,7 +31,7 @@ from hwq.search.train import logit_lsbs  # noqa: E402
 LAYERS = ("conv1", "layer2.0.conv2", "layer3.2.conv2", "fc")
 
 
-def candidates(program, layer: str, population: int, seed: int) -> dict[str, np.ndarray]:
+def candidates(program, layer: str, population: int, seed: int) -> dict[ParamKey, np.ndarray]:
     """A population that moves a CC group of the layer's weights by one level."""
     op = program.op(layer)
     space = SearchSpace.from_weights({layer: op.weight}, {layer: op.weight_bits}, radius=1)
@@ -39,10 +40,10 @@ def candidates(program, layer: str, population: int, seed: int) -> dict[str, np.
     values = np.tile(space.base, (population, 1))
     values[:, group] += rng.integers(-1, 2, size=(population, len(group)))
     values = np.clip(values, space.lo, space.hi)
-    return {layer: values.reshape(population, *op.weight.shape)}
+    return {(layer, WEIGHT): values.reshape(population, *op.weight.shape)}
 
 
-def rate(evaluator: SimEvaluator, cands: dict[str, np.ndarray], repeats: int) -> tuple[float, int]:
+def rate(evaluator: SimEvaluator, cands: dict[ParamKey, np.ndarray], repeats: int) -> tuple[float, int]:
     evaluator.evaluate(cands)
     before_evals, before_macs = evaluator.evaluations, evaluator.macs
     start = time.perf_counter()

@@ -36,7 +36,7 @@ warnings.filterwarnings("ignore")
 
 from bench_fitness import candidates  # noqa: E402
 
-from accel_sim.ir import Accumulator, Program  # noqa: E402
+from accel_sim.ir import WEIGHT, Accumulator, ParamKey, Program  # noqa: E402
 from hwq.data import load_split  # noqa: E402
 from hwq.quant.evaluate import evaluate_program, prepare  # noqa: E402
 from hwq.quant.model import QuantConfig  # noqa: E402
@@ -64,8 +64,8 @@ def threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def solution(program: Program) -> dict[str, np.ndarray]:
-    return {op.name: op.weight for op in program.conv_ops()}
+def solution(program: Program) -> dict[ParamKey, np.ndarray]:
+    return {(op.name, WEIGHT): op.weight for op in program.conv_ops()}
 
 
 def ready(evaluator: Evaluator, program: Program, images: torch.Tensor, targets: Targets) -> float:
@@ -77,7 +77,7 @@ def ready(evaluator: Evaluator, program: Program, images: torch.Tensor, targets:
 
 
 def seconds_per_generation(
-    evaluator: Evaluator, generations: list[dict[str, np.ndarray]], repeats: int
+    evaluator: Evaluator, generations: list[dict[ParamKey, np.ndarray]], repeats: int
 ) -> tuple[float, list[np.ndarray]]:
     """Mean seconds per generation over `repeats` passes, after one warm-up pass (its scores)."""
     scores = [evaluator.evaluate(g) for g in generations]

@@ -12,6 +12,7 @@ import sys
 import warnings
 from typing import NoReturn
 
+from accel_sim.errors import DeviceError
 from accel_sim.ir import IRError
 
 from . import HwqError, __version__
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     try:
         args.func(args)
-    except (HwqError, IRError) as exc:
+    except (HwqError, IRError, DeviceError) as exc:
         print(f"hwq {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:

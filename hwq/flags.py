@@ -85,21 +85,14 @@ def output_file(text: str) -> str:
 
 def torch_device(name: str, flag: str = "--device") -> str:
     """The evaluator's torch device, refused before any work when it does not parse or this
-    machine does not have it (torch is imported here, by the commands that run on it)."""
-    import torch
+    machine cannot use it (torch is imported here, by the commands that run on it)."""
+    from accel_sim.device import resolve_device
+    from accel_sim.errors import DeviceError
 
     try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise HwqError(f"{flag} {name!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
-    if device.type == "cpu":
-        return name
-    backend = getattr(torch, device.type, None)
-    if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
-        raise HwqError(f"{flag} {name}: this machine has no {device.type} device")
-    count = backend.device_count() if hasattr(backend, "device_count") else 1
-    if device.index is not None and device.index >= count:
-        raise HwqError(f"{flag} {name}: this machine has {count} {device.type} device(s)")
+        resolve_device(name)
+    except DeviceError as exc:
+        raise HwqError(f"{flag}: {exc}") from None
     return name
 
 

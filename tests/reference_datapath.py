@@ -27,7 +27,10 @@ def pad_with_zero_points(x: np.ndarray, zp: np.ndarray, p: int) -> np.ndarray:
     return out
 
 
-def conv_accumulate(op: Conv2d, x: np.ndarray, zp: np.ndarray, acc: Accumulator) -> np.ndarray:
+def conv_accumulate(op: Conv2d, x: np.ndarray, zp: np.ndarray, acc: Accumulator) -> tuple[np.ndarray, int]:
+    """The accumulators, and how many overflowed as docs/datapath.md counts them: in wrap
+    mode those whose exact sum leaves [lo, hi]; in saturate mode those where at least one
+    step clipped (the initial clamp included)."""
     xp = pad_with_zero_points(x, zp, op.padding)
     n = x.shape[0]
     o_ch, c_ch, k, _ = op.weight.shape
@@ -39,8 +42,9 @@ def conv_accumulate(op: Conv2d, x: np.ndarray, zp: np.ndarray, acc: Accumulator)
             for i in range(k):
                 for j in range(k):
                     init[o] -= op.weight[o, c, i, j] * zp[c]
-    result = np.broadcast_to(init[None, :, None, None], (n, o_ch, h_out, w_out)).copy()
-    result = overflow(result, acc)
+    exact = np.broadcast_to(init[None, :, None, None], (n, o_ch, h_out, w_out)).copy()
+    result = overflow(exact, acc)
+    clipped = result != exact
     for c in range(c_ch):
         for i in range(k):
             for j in range(k):
@@ -49,8 +53,13 @@ def conv_accumulate(op: Conv2d, x: np.ndarray, zp: np.ndarray, acc: Accumulator)
                 ]
                 for o in range(o_ch):
                     product = op.weight[o, c, i, j] * window
-                    result[:, o] = overflow(result[:, o] + product, acc)
-    return result
+                    exact[:, o] += product
+                    unclamped = result[:, o] + product
+                    result[:, o] = overflow(unclamped, acc)
+                    clipped[:, o] |= result[:, o] != unclamped
+    lo, hi = -(1 << (acc.bits - 1)), (1 << (acc.bits - 1)) - 1
+    outside = (exact < lo) | (exact > hi)
+    return result, int((outside if acc.overflow == "wrap" else clipped).sum())
 
 
 def requantize(
@@ -83,16 +92,22 @@ def requantize(
 
 
 def run_reference(
-    program: Program, images: np.ndarray, accumulator: Accumulator | None = None
+    program: Program,
+    images: np.ndarray,
+    accumulator: Accumulator | None = None,
+    overflows: dict[str, int] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Every tensor of the program for `images` (uint8, N x C x H x W), as int64 arrays."""
+    """Every tensor of the program for `images` (N x C x H x W integers), as int64 arrays;
+    each conv's overflow count goes into `overflows` when given."""
     acc = accumulator or program.accumulator
     tensors = {program.input: np.asarray(images, dtype=np.int64)}
     for op in program.ops:
         x = tensors[op.input]
         x_spec, y_spec = program.tensors[op.input], program.tensors[op.output]
         if isinstance(op, Conv2d):
-            a = conv_accumulate(op, x, x_spec.zero_points(), acc)
+            a, count = conv_accumulate(op, x, x_spec.zero_points(), acc)
+            if overflows is not None:
+                overflows[op.name] = count
         elif isinstance(op, GlobalAvgPool):
             a = (x - x_spec.zero_points().reshape(1, -1, 1, 1)).sum(axis=(2, 3), keepdims=True)
         else:

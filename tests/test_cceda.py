@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from accel_sim.functional import FunctionalSim
-from accel_sim.ir import Accumulator, Conv2d, Program, Requant, TensorSpec
+from accel_sim.ir import WEIGHT, Accumulator, Conv2d, Program, Requant, TensorSpec
 from hwq import HwqError
 from hwq.search.cceda import (
     CCEDA,
@@ -25,7 +25,6 @@ from hwq.search.cceda import (
     weight_block,
 )
 from hwq.search.evaluator import IntegerFitness, SimEvaluator, Targets
-from hwq.search.train import as_weights
 
 
 def space(sizes=(40, 30, 30), bits=4, seed=0) -> SearchSpace:
@@ -196,14 +195,14 @@ def search_toy(evaluator: SimEvaluator, solved) -> tuple[int, int, np.ndarray]:
     fitness, weights found)."""
     s = SearchSpace.from_weights({"fc": evaluator.program.op("fc").weight}, {"fc": 4}, radius=1)
     search = CCEDA(s, EDAConfig(population=16, selected=4, group_size=40, generations_per_group=1), seed=0)
-    best = lambda: as_weights(s.unflatten(search.best_values()))  # noqa: E731
+    best = lambda: s.unflatten(search.best_values())  # noqa: E731
     search.best_fitness = first = evaluator.set_solution(best())
     for _ in range(600):
         if solved(search.best_fitness):
             break
-        if search.tell(evaluator.evaluate(as_weights(search.candidate_values(search.ask())))):
+        if search.tell(evaluator.evaluate(search.candidate_values(search.ask()))):
             evaluator.set_solution(best())
-    return first, search.best_fitness, best()["fc"]
+    return first, search.best_fitness, best()[("fc", WEIGHT)]
 
 
 def test_search_on_accel_sim_recovers_a_perfect_classifier(toy_task):

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from accel_sim.ir import WEIGHT, ParamKey
 from hwq.cli import main
 from hwq.quant.model import QuantConfig
 from hwq.search import FITNESS_MODES
@@ -77,13 +78,13 @@ def test_differences_travel_instead_of_whole_layers():
     np.testing.assert_array_equal(solution["layer"], population[3])
 
 
-def candidates(program, layer: str, population: int, seed: int) -> dict[str, np.ndarray]:
+def candidates(program, layer: str, population: int, seed: int) -> dict[ParamKey, np.ndarray]:
     weight = program.op(layer).weight
     rng = np.random.default_rng(seed)
     values = np.repeat(weight[None], population, axis=0).reshape(population, -1)
     group = rng.choice(weight.size, min(64, weight.size), replace=False)
     values[:, group] = np.clip(values[:, group] + rng.integers(-1, 2, (population, len(group))), -7, 7)
-    return {layer: values.reshape(population, *weight.shape)}
+    return {(layer, WEIGHT): values.reshape(population, *weight.shape)}
 
 
 def test_evaluator_matches_in_process_over_image_and_population_splits(local_ray):
@@ -95,7 +96,7 @@ def test_evaluator_matches_in_process_over_image_and_population_splits(local_ray
     local = SimEvaluator(program, fitness)
     remote = RayEvaluator(lambda: SimEvaluator(program, fitness), fitness, workers=3, min_shard_images=20)
     with remote:
-        start = {op.name: op.weight for op in program.conv_ops()}
+        start = {(op.name, WEIGHT): op.weight for op in program.conv_ops()}
         for e in (local, remote):
             e.set_batch(images, targets)
             e.set_solution(start)  # as the trainer does: the context the candidates differ from

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from accel_sim.functional import FunctionalSim
-from accel_sim.ir import load_program, program_digest
+from accel_sim.ir import WEIGHT, load_program, program_digest
 from hwq import HwqError
 from hwq.cli import main
 from hwq.data import load_split
@@ -287,7 +287,7 @@ def test_brevitas_target_scores_like_accel_sim_and_is_reevaluated_on_it(workspac
     ds = load_split(cfg.data, "train").head(32)
     brevitas = BrevitasEvaluator(prepared.qmodel, prepared.program, IntegerFitness("margin", 1))
     brevitas.set_batch(ds.images, Targets(ds.labels))
-    brevitas.set_solution({op.name: op.weight for op in prepared.program.conv_ops()})
+    brevitas.set_solution({(op.name, WEIGHT): op.weight for op in prepared.program.conv_ops()})
     sim_logits = FunctionalSim(prepared.program).run(ds.images).logits
     assert (brevitas.integer_logits() - sim_logits).abs().double().median() <= 2
 

@@ -20,9 +20,9 @@ from functools import cached_property
 
 import numpy as np
 
-from .. import HwqError
+from accel_sim.ir import WEIGHT, ParamKey
 
-Key = tuple[str, str]  # (op name, field): ("conv1", "weight")
+from .. import HwqError
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class ParamBlock:
     max_radius: int
 
     @property
-    def key(self) -> Key:
+    def key(self) -> ParamKey:
         return (self.op, self.field)
 
     @property
@@ -82,7 +82,7 @@ def weight_block(
     pos = base.astype(np.float64) if position is None else np.asarray(position, np.float64).reshape(-1)
     if pos.shape != base.shape:
         raise HwqError("float positions do not round to the integer weights they start from")
-    block = ParamBlock(op, "weight", tuple(weight.shape), base, lo, hi, pos, radius, max_radius or radius)
+    block = ParamBlock(op, WEIGHT, tuple(weight.shape), base, lo, hi, pos, radius, max_radius or radius)
     block.validate()
     return block
 
@@ -143,7 +143,7 @@ class SearchSpace:
         return sum(b.size for b in self.blocks)
 
     @property
-    def keys(self) -> tuple[Key, ...]:
+    def keys(self) -> tuple[ParamKey, ...]:
         return tuple(b.key for b in self.blocks)
 
     @cached_property
@@ -175,7 +175,7 @@ class SearchSpace:
         base = self.base if index is None else self.base[index]
         return base + categories - self.width
 
-    def unflatten(self, values: np.ndarray) -> dict[Key, np.ndarray]:
+    def unflatten(self, values: np.ndarray) -> dict[ParamKey, np.ndarray]:
         off = self.offsets
         return {b.key: values[off[i] : off[i + 1]].reshape(b.shape) for i, b in enumerate(self.blocks)}
 
@@ -408,7 +408,7 @@ class CCEDA:
         self.pending = sample_categories(self.probs[self.group], self.config.population, self.rng)
         return self.pending
 
-    def candidate_values(self, samples: np.ndarray) -> dict[Key, np.ndarray]:
+    def candidate_values(self, samples: np.ndarray) -> dict[ParamKey, np.ndarray]:
         """Whole blocks (P, ...) of the blocks the group touches, for the evaluator."""
         touched = np.unique(self.space.block_index[self.group])
         off = self.space.offsets

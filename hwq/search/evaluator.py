@@ -1,9 +1,11 @@
 """Fitness evaluators: the only thing the search knows about the hardware model.
 
 An evaluator holds a batch of training images and the current best solution (the
-context), and scores candidate weight sets that differ from it in a few layers. The CPU
-evaluator runs accel_sim in process; a GPU evaluator is the same class on another torch
-device, and a multi-process or multi-machine one only has to implement `Evaluator`.
+context), and scores candidates that differ from it in a few integer parameters, keyed
+(op name, field) as in `accel_sim.ir.ParamKey`: a conv's `weight` or `bias`, or an op's
+requantization `mult`. The accel_sim evaluator runs in process on any torch device (on a
+GPU exactly, see accel_sim/device.py); a multi-process or multi-machine one only has to
+implement `Evaluator`.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import numpy as np
 import torch
 
 from accel_sim.functional import FunctionalSim
-from accel_sim.ir import Conv2d, Program, output_hw
+from accel_sim.ir import WEIGHT, Conv2d, ParamKey, Program, output_hw, param_of
 
 from .. import HwqError
 
@@ -76,6 +78,10 @@ class IntegerFitness:
         return (correct * (2 * self.clip * n + 1) + margin + self.clip * n).numpy()
 
 
+CPU_MAX_ELEMENTS = 1 << 19
+DEVICE_MAX_ELEMENTS = 1 << 25
+
+
 def conv_macs(program: Program, op: Conv2d) -> int:
     x = program.tensors[op.input]
     hw = output_hw(x.shape[1], op.kernel, op.stride, op.padding)
@@ -94,24 +100,31 @@ class Evaluator(ABC):
         """Images (N, 3, 32, 32) uint8 and what their logits are scored against, from now."""
 
     @abstractmethod
-    def set_solution(self, weights: dict[str, np.ndarray]) -> int:
-        """Make `weights` (full layers) the context; returns its fitness on the batch."""
+    def set_solution(self, params: dict[ParamKey, np.ndarray]) -> int:
+        """Make `params` (full arrays, e.g. whole weight tensors) the context; returns its
+        fitness on the batch."""
 
     @abstractmethod
-    def evaluate(self, candidates: dict[str, np.ndarray]) -> np.ndarray:
-        """Fitness (P,) of candidates: per layer, (P, ...) weights replacing the context's."""
+    def evaluate(self, candidates: dict[ParamKey, np.ndarray]) -> np.ndarray:
+        """Fitness (P,) of candidates: per parameter, (P, ...) values replacing the context's."""
+
+    def close(self) -> None:  # noqa: B027 (an optional hook, not abstract)
+        """Release what the evaluator holds beyond memory (worker processes); in process, nothing."""
 
 
 class SimEvaluator(Evaluator):
-    """Fitness on accel_sim, incremental: from the first changed layer, on cached activations.
+    """Fitness on accel_sim, incremental: from the first changed op, on cached activations.
 
     The activations of the context for the batch are kept for every tensor; a candidate
     population is run from its first changed op in batched calls (`run_population`) of at
-    most `max_elements` activation elements entering that op. Batching pays only while
-    the tensors stay cache-sized: on 2 CPU cores, 16 candidates at once ran a layer3 conv
-    4x slower than one at a time, and the classifier 8x faster (bench/bench_fitness.py). With
-    `incremental=False` every candidate runs the whole network on its own (the baseline
-    the benchmark compares against).
+    most `max_elements` activation elements entering that op. On the CPU, batching pays
+    only while the tensors stay cache-sized: on 2 cores, 16 candidates at once ran a
+    layer3 conv 4x slower than one at a time, and the classifier 8x faster
+    (bench/bench_fitness.py); on other devices the default is a larger batch
+    (DEVICE_MAX_ELEMENTS, not yet tuned). Candidates that the batched form cannot run
+    exactly (products beyond 2**53) run one by one. With `incremental=False` every
+    candidate runs the whole network on its own (the baseline the benchmark compares
+    against). `conv_backend` and `self_check` are FunctionalSim's.
     """
 
     def __init__(
@@ -121,63 +134,79 @@ class SimEvaluator(Evaluator):
         device: str = "cpu",
         compile: bool = False,
         incremental: bool = True,
-        max_elements: int = 1 << 19,
+        max_elements: int | None = None,
+        conv_backend: str | None = None,
+        self_check: bool | None = None,
     ):
         super().__init__()
         self.program = program
         self.fitness = fitness
-        self.device = device
         self.compile = compile
         self.incremental = incremental
-        self.max_elements = max_elements
+        self.conv_backend = conv_backend
+        self.sim = FunctionalSim(
+            program, device, compile=compile, conv_backend=conv_backend, self_check=self_check
+        )
+        self.device = self.sim.device
+        default = CPU_MAX_ELEMENTS if self.device.type == "cpu" else DEVICE_MAX_ELEMENTS
+        self.max_elements = max_elements or default
         self.op_index = {op.name: i for i, op in enumerate(program.ops)}
         macs = [conv_macs(program, op) if isinstance(op, Conv2d) else 0 for op in program.ops]
         self.macs_from = np.cumsum(macs[::-1])[::-1]
-        self.sim = FunctionalSim(program, device, compile=compile)
         self.env: dict[str, torch.Tensor] = {}
         self.targets = Targets(torch.empty(0, dtype=torch.int64))
+
+    def simulator(self, program: Program) -> FunctionalSim:
+        return FunctionalSim(program, self.device, compile=self.compile, conv_backend=self.conv_backend)
 
     def set_batch(self, images: torch.Tensor, targets: Targets) -> None:
         self.targets = targets
         self.env = {self.program.input: self.sim.input_carrier(images)}
         self.sim.execute(self.env)
 
-    def set_solution(self, weights: dict[str, np.ndarray]) -> int:
-        changed = [name for name, w in weights.items() if not np.array_equal(w, self.program.op(name).weight)]
+    def set_solution(self, params: dict[ParamKey, np.ndarray]) -> int:
+        changed = {
+            key: np.asarray(v)
+            for key, v in params.items()
+            if not np.array_equal(v, param_of(self.program.op(key[0]), key[1]))
+        }
         if changed:
-            self.program = self.program.with_weights({name: weights[name] for name in changed})
-            self.sim = FunctionalSim(self.program, self.device, compile=self.compile)
+            self.program = self.program.with_params(changed)
+            self.sim = self.simulator(self.program)
             if self.env:
-                self.sim.execute(self.env, min(self.op_index[name] for name in changed))
+                self.sim.execute(self.env, min(self.op_index[name] for name, _ in changed))
         logits = self.env[self.program.output].to(torch.int64).flatten(1)
-        return int(self.fitness.score(logits[None], self.targets)[0])
+        return int(self.fitness.score(logits[None].cpu(), self.targets)[0])
 
-    def evaluate(self, candidates: dict[str, np.ndarray]) -> np.ndarray:
-        start = min(self.op_index[name] for name in candidates) if self.incremental else 0
+    def evaluate(self, candidates: dict[ParamKey, np.ndarray]) -> np.ndarray:
+        start = min(self.op_index[name] for name, _ in candidates) if self.incremental else 0
         population = len(next(iter(candidates.values())))
         n = len(self.targets.labels)
         per_candidate = n * math.prod(self.program.tensors[self.program.ops[start].input].shape)
         chunk = max(1, self.max_elements // max(per_candidate, 1))
         scores = []
         for s in range(0, population, chunk):
-            part = {name: w[s : s + chunk] for name, w in candidates.items()}
+            part = {key: v[s : s + chunk] for key, v in candidates.items()}
             scores.append(self.fitness.score(self.population_logits(start, part), self.targets))
         self.evaluations += population
         self.macs += population * n * int(self.macs_from[start])
         return np.concatenate(scores)
 
-    def population_logits(self, start: int, candidates: dict[str, np.ndarray]) -> torch.Tensor:
+    def population_logits(self, start: int, candidates: dict[ParamKey, np.ndarray]) -> torch.Tensor:
         """Batched from `start` when incremental; otherwise, or when the batched form cannot
-        prove exactness, each candidate's whole program from the image."""
+        run exactly, each candidate's whole program from the image."""
         logits = self.sim.run_population(self.env, start, candidates) if self.incremental else None
         if logits is not None:
             return logits.cpu()
+        return self.one_by_one(candidates)
+
+    def one_by_one(self, candidates: dict[ParamKey, np.ndarray]) -> torch.Tensor:
         population = len(next(iter(candidates.values())))
-        images = self.env[self.program.input]
+        images = self.env[self.program.input].to(torch.int64)
         singles = []
         for p in range(population):
-            program = self.program.with_weights({name: w[p] for name, w in candidates.items()})
-            singles.append(FunctionalSim(program, self.device).run(images.to(torch.int64)).logits.cpu())
+            program = self.program.with_params({key: v[p] for key, v in candidates.items()})
+            singles.append(self.simulator(program).run(images).logits.cpu())
         return torch.stack(singles)
 
 
@@ -214,18 +243,26 @@ class BrevitasEvaluator(Evaluator):
     def set_batch(self, images: torch.Tensor, targets: Targets) -> None:
         self.images, self.targets = images, targets
 
-    def set_solution(self, weights: dict[str, np.ndarray]) -> int:
-        self.context = {name: np.array(w) for name, w in weights.items()}
+    @staticmethod
+    def weights_of(params: dict[ParamKey, np.ndarray]) -> dict[str, np.ndarray]:
+        other = sorted(f"{name}.{fld}" for name, fld in params if fld != WEIGHT)
+        if other:
+            raise HwqError(f"the brevitas target can search weights only, not {', '.join(other)}")
+        return {name: v for (name, _), v in params.items()}
+
+    def set_solution(self, params: dict[ParamKey, np.ndarray]) -> int:
+        self.context = {name: np.array(w) for name, w in self.weights_of(params).items()}
         self.load(self.context)
         return int(self.fitness.score(self.integer_logits()[None], self.targets)[0])
 
-    def evaluate(self, candidates: dict[str, np.ndarray]) -> np.ndarray:
-        population = len(next(iter(candidates.values())))
+    def evaluate(self, candidates: dict[ParamKey, np.ndarray]) -> np.ndarray:
+        weights = self.weights_of(candidates)
+        population = len(next(iter(weights.values())))
         scores = []
         for p in range(population):
-            self.load({name: w[p] for name, w in candidates.items()})
+            self.load({name: w[p] for name, w in weights.items()})
             scores.append(self.fitness.score(self.integer_logits()[None], self.targets)[0])
-        self.load({name: self.context[name] for name in candidates})
+        self.load({name: self.context[name] for name in weights})
         self.evaluations += population
         self.macs += population * len(self.targets.labels) * self.macs_per_image
         return np.asarray(scores)

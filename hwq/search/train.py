@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from accel_sim.ir import MAX_MULT_BITS, Accumulator, Program, program_digest, save_program
+from accel_sim.ir import MAX_MULT_BITS, Accumulator, ParamKey, Program, program_digest, save_program
 
 from .. import HwqError, __version__
 from ..data import load_split
@@ -38,7 +38,7 @@ from ..quant.lower import weight_positions
 from ..quant.model import QuantConfig, file_sha256
 from ..results import write_json
 from . import FITNESS_MODES, rundir
-from .cceda import CCEDA, EDAConfig, Key, SearchSpace
+from .cceda import CCEDA, EDAConfig, SearchSpace
 from .distributed import require_ray, validate_settings
 from .evaluator import (
     BrevitasEvaluator,
@@ -293,16 +293,14 @@ class _Run:
     def close(self) -> None:
         """Release what the evaluator holds (a distributed one: its Ray actors, and Ray if it
         started it)."""
-        close = getattr(self.evaluator, "close", None)
-        if close is not None:
-            close()
+        self.evaluator.close()
 
     # ----- state -------------------------------------------------------------------------
 
     def new_batch(self) -> None:
         self.batch = np.sort(self.batch_rng.choice(len(self.train), self.schedule.size, replace=False))
         self.set_batch()
-        self.search.best_fitness = self.evaluator.set_solution(self.best_weights())
+        self.search.best_fitness = self.evaluator.set_solution(self.best_params())
 
     def next_batch(self) -> dict:
         """Draw the next fitness batch (grown, if the schedule says so). While the batch may
@@ -328,8 +326,8 @@ class _Run:
         that differ from the best solution)."""
         if np.array_equal(categories, self.search.best):
             return int(self.search.best_fitness)
-        theirs = as_weights(self.space.unflatten(self.space.values(categories)))
-        ours = self.best_weights()
+        theirs = self.space.unflatten(self.space.values(categories))
+        ours = self.best_params()
         differ = {n: w[None] for n, w in theirs.items() if not np.array_equal(w, ours[n])}
         return int(self.evaluator.evaluate(differ)[0])
 
@@ -345,11 +343,11 @@ class _Run:
         self.targets = Targets(self.train.labels[self.batch], teacher)
         self.evaluator.set_batch(images, self.targets)
 
-    def best_weights(self) -> dict[str, np.ndarray]:
-        return as_weights(self.space.unflatten(self.search.best_values()))
+    def best_params(self) -> dict[ParamKey, np.ndarray]:
+        return self.space.unflatten(self.search.best_values())
 
     def best_program(self) -> Program:
-        return self.initial.with_weights(self.best_weights())
+        return self.initial.with_params(self.best_params())
 
     def save_state(self) -> None:
         teacher = self.targets.teacher
@@ -389,7 +387,7 @@ class _Run:
             self.set_batch(teacher)
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise HwqError(f"{path} holds no state this hwq can resume ({type(exc).__name__})") from None
-        if self.evaluator.set_solution(self.best_weights()) != saved_fitness:
+        if self.evaluator.set_solution(self.best_params()) != saved_fitness:
             raise HwqError(f"{path} does not reproduce its own best fitness")
         rundir.truncate_log(self.dir / LOG_FILE, self.search.generation)
 
@@ -431,14 +429,14 @@ class _Run:
 
     def generation(self) -> dict:
         samples = self.search.ask()
-        candidates = as_weights(self.search.candidate_values(samples))
+        candidates = self.search.candidate_values(samples)
         fitness = self.evaluator.evaluate(candidates)
         improved = self.search.tell(fitness)
         if improved:
-            self.evaluator.set_solution({n: self.best_weights()[n] for n in candidates})
+            self.evaluator.set_solution({n: self.best_params()[n] for n in candidates})
         return {
             "generation": self.search.generation,
-            "layers": sorted(candidates),
+            "layers": sorted({name for name, _ in candidates}),
             "group_size": int(len(self.search.group)),
             "fitness_images": int(len(self.batch)),
             "best_fitness": int(self.search.best_fitness),
@@ -588,13 +586,6 @@ def search_space(program: Program, cfg: TrainConfig, positions: dict[str, np.nda
         {n: positions[n] for n in names},
         max_radius=cfg.max_radius if cfg.eda.widen_after else cfg.radius,
     )
-
-
-def as_weights(params: dict[Key, np.ndarray]) -> dict[str, np.ndarray]:
-    """Searched blocks as the evaluator's per-layer weights (only weights are searched)."""
-    if any(field_name != "weight" for _, field_name in params):
-        raise HwqError(f"only weights can be searched, not {sorted(params)}")
-    return {op: values for (op, _), values in params.items()}
 
 
 def batch_schedule(cfg: TrainConfig, train_images: int) -> BatchSchedule:
