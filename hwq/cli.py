@@ -16,8 +16,15 @@ from accel_sim.ir import IRError
 from . import HwqError, __version__
 from . import __doc__ as hwq_doc
 
-# In pipeline order: quantize and lower, search, studies, hardware model, RTL.
-COMMAND_MODULES = ("hwq.quant.cli", "hwq.search.cli", "hwq.studies.cli", "accel_sim.cli", "rtl_models.cli")
+# In pipeline order: quantize and lower, search, baselines, studies, hardware model, RTL.
+COMMAND_MODULES = (
+    "hwq.quant.cli",
+    "hwq.search.cli",
+    "hwq.baselines.cli",
+    "hwq.studies.cli",
+    "accel_sim.cli",
+    "rtl_models.cli",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -133,6 +133,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     budget.add_argument("--budget-minutes", type=float, help="stop after this much search time")
     p.add_argument("--seed", type=int, help="seed of the search (default 0)")
     p.add_argument("--layers", help="comma-separated layers to search (default: every conv and fc)")
+    p.add_argument(
+        "--init-ir",
+        help="start from this integer program (e.g. a baseline's final.ir) instead of round-to-nearest",
+    )
     s = p.add_argument_group("search (docs/training.md)")
     s.add_argument("--radius", type=int, help="levels each side of the initial value (default 1)")
     s.add_argument("--population", type=int, help="candidates per generation (default 16)")

@@ -39,6 +39,7 @@ from .evaluator import (
     Targets,
     integer_logits,
 )
+from .start import POSITIONS_FROM_CHECKPOINT, init_digest, start_from
 
 TARGETS = ("accel_sim", "brevitas")
 STATE_FILE = "state.pkl"
@@ -65,6 +66,8 @@ RUN_DEFINING = (
     "split_seed",
     "calibration_images",
     "layers",
+    "init_ir",
+    "init_ir_sha256",
 )
 
 
@@ -100,6 +103,8 @@ class TrainConfig:
     split_seed: int = 0
     calibration_images: int = 512
     layers: tuple[str, ...] | None = None
+    init_ir: str | None = None  # start from this integer program instead of round-to-nearest
+    init_ir_sha256: str | None = None  # its digest, recorded when the run starts
     device: str = "cpu"
     compile: bool = False
     progress: bool = True
@@ -150,6 +155,7 @@ class _Run:
 
     def __init__(self, cfg: TrainConfig, resume: bool):
         cfg.validate()
+        cfg = with_init_digest(cfg)
         self.cfg = cfg
         self.dir = Path(cfg.out)
         self.check_run_dir(resume)
@@ -163,7 +169,6 @@ class _Run:
             cfg.accumulator(),
             cfg.mult_bits,
         )
-        self.initial = prepared.program
         self.float_model = prepared.float_model
         self.train = load_split(cfg.data, "train", cfg.val_fraction, cfg.split_seed)
         self.val = load_split(cfg.data, "val", cfg.val_fraction, cfg.split_seed)
@@ -172,7 +177,8 @@ class _Run:
                 f"--fitness-images {cfg.fitness_images} exceeds the {len(self.train)} training images"
             )
         with torch.no_grad():
-            positions = weight_positions(prepared.qmodel, self.initial)
+            positions = weight_positions(prepared.qmodel, prepared.program)
+        self.initial, positions, self.start = starting_point(cfg, prepared.program, positions)
         self.space = search_space(self.initial, cfg, positions)
         self.search = CCEDA(self.space, cfg.eda, cfg.seed)
         self.fitness = IntegerFitness(cfg.fitness, logit_lsbs(self.initial, cfg.margin_clip))
@@ -402,9 +408,45 @@ class _Run:
             "final_ir_sha256": digest,
             "best_val": {**self.best_val, "ir": str(self.dir / "best_val.ir")} if self.best_val else None,
             "complete": self.budget_left() is False,
+            "start": self.start,
         }
         write_json(self.dir / "summary.json", summary)
         return summary
+
+
+def with_init_digest(cfg: TrainConfig) -> TrainConfig:
+    """The config with the digest of its --init-ir, which must not change across resumes."""
+    if cfg.init_ir is None:
+        return cfg
+    digest = init_digest(cfg.init_ir)
+    if cfg.init_ir_sha256 not in (None, digest):
+        raise HwqError(
+            f"--init-ir {cfg.init_ir} changed since the run started (its sha256 was {cfg.init_ir_sha256})"
+        )
+    return dataclasses.replace(cfg, init_ir_sha256=digest)
+
+
+def starting_point(
+    cfg: TrainConfig, lowered: Program, positions: dict[str, np.ndarray]
+) -> tuple[Program, dict[str, np.ndarray], dict]:
+    """The initial program, the float positions of its weights, and a record of both:
+    round-to-nearest (the lowering itself), or --init-ir checked against it."""
+    if cfg.init_ir is None:
+        return lowered, positions, {"init_ir": None, "positions": POSITIONS_FROM_CHECKPOINT}
+    what = f"{cfg.checkpoint} at W{cfg.wbits}A{cfg.abits}{' per-channel' if cfg.per_channel else ''}"
+    start = start_from(cfg.init_ir, lowered, positions, what)
+    if cfg.target == "brevitas" and start.source != POSITIONS_FROM_CHECKPOINT:
+        raise HwqError(
+            f"--target brevitas writes integers into the Brevitas layers at the lowering's scales, but "
+            f"--init-ir {cfg.init_ir} requantizes differently; use --target accel_sim"
+        )
+    record = {
+        "init_ir": cfg.init_ir,
+        "init_ir_sha256": cfg.init_ir_sha256,
+        "positions": start.source,
+        "positions_clipped": start.clipped,
+    }
+    return start.program, start.positions, record
 
 
 def search_space(program: Program, cfg: TrainConfig, positions: dict[str, np.ndarray]) -> SearchSpace:

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
 def sweep_config(args: argparse.Namespace) -> SweepConfig:
     """Flags given override the grid that --full selects (the small grid without it)."""
+    from .methods import parse_methods
     from .sweep import FULL_GRID, SMALL_GRID, SweepConfig, parse_arrays, parse_int_list, parse_overflow
 
     grid = FULL_GRID if args.full else SMALL_GRID
@@ -43,6 +44,9 @@ def sweep_config(args: argparse.Namespace) -> SweepConfig:
         mult_bits=args.mult_bits,
         batch=args.batch,
         device=args.device,
+        methods=parse_methods(args.methods) if args.methods else (),
+        method_epochs=args.method_epochs,
+        method_minutes=args.method_minutes,
     )
 
 
@@ -79,6 +83,18 @@ def add_sweep_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--train-budget", type=int, help="also train each point with CC-EDA for N evaluations")
     p.add_argument("--seed", type=int, default=0, help="seed of the CC-EDA training (default 0)")
+    p.add_argument(
+        "--methods",
+        help="also run these methods at every point: rtn,gptq,gpfq,learned-round,qat,a2q,a2q-plus,"
+        "cc-eda,cc-eda-best (docs/baselines.md; run directories under OUT/baselines/ and OUT/train/)",
+    )
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--method-epochs", type=int, help="--methods: epochs of qat, a2q and a2q-plus")
+    budget.add_argument(
+        "--method-minutes",
+        type=float,
+        help="--methods: minutes of qat, a2q, a2q-plus (and of CC-EDA without qat)",
+    )
     p.add_argument("--jobs", type=int, help="lowered programs measured in parallel processes (default 1)")
     p.add_argument(
         "--limit", type=int, help="accuracy on the first N val images (default small grid: 500; 0: all)"
