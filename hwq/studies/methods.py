@@ -167,8 +167,8 @@ def cceda_fields(ctx: Context, point: Point, method: str, done: dict[str, dict])
     cfg = ctx.cfg
     minutes = cceda_minutes(cfg, point, done)
     start = best_baseline(point, done, cfg.methods) if method == "cc-eda-best" else None
-    origin = f"from-{start['method']}" if start else "from-rtn"
-    run_dir = Path(cfg.out) / "train" / f"{point.name}-cc-eda-{origin}-{budget_tag(cfg, method)}-s{cfg.seed}"
+    origin = f"-from-{start['method']}" if start else ""
+    run_dir = Path(cfg.out) / "train" / f"{point.name}-{method}{origin}-{budget_tag(cfg, method)}-s{cfg.seed}"
     init = {"init_ir": str(Path(start["run_dir"]) / "final.ir")} if start else {}
     tcfg = point_train_config(cfg, point, run_dir, budget_minutes=minutes, **init)
     summary_file = run_dir / "summary.json"
