@@ -5,6 +5,7 @@ the integer weights (tiny random workspace, tiny budgets)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -224,3 +225,31 @@ def test_cli_runs_a_baseline_for_an_accelerator_file(workspace, capsys):
     assert (summary["settings"]["wbits"], summary["settings"]["abits"]) == (4, 8)
     with pytest.raises(HwqError, match="needs exactly one"):
         run_baseline(config(workspace, "qat", "never", epochs=None))
+
+
+def test_a_baselines_ir_runs_on_hwq_eval_sim_and_the_rtl(workspace, runs, tmp_path, capsys):
+    from rtl_models import sim
+
+    summary = runs["a2q"]  # learned scales and a 16-bit accumulator: not the lowering's defaults
+    ir, data = summary["final_ir"], workspace[1]
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--ir", ir, "--data", data, "--split", "val", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["accel_sim"]["accuracy"] == summary["val_accuracy"]
+    assert (
+        main(["sim", "--hw", "examples/rtl_8x8.toml", "--ir", ir, "--json", str(tmp_path / "sim.json")]) == 0
+    )
+    assert json.loads((tmp_path / "sim.json").read_text())
+    if sim.missing("icarus"):
+        pytest.skip(sim.missing("icarus"))
+    verify = ["verify", "--rtl", "--ir", ir, "--data", data, "--rows", "4", "--cols", "4", "--pixels", "4"]
+    build = str(Path(__file__).resolve().parents[1] / "sim_build")
+    assert main([*verify, "--layer", "conv1", "--layer", "fc", "--build-dir", build]) == 0
+    assert "MISMATCH" not in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_training_is_deterministic_given_the_seed(workspace, runs):
+    again = run_baseline(config(workspace, "qat", "qat_again"))
+    assert again["final_ir_sha256"] == runs["qat"]["final_ir_sha256"]
+    other = run_baseline(config(workspace, "qat", "qat_seed1", seed=1))
+    assert other["final_ir_sha256"] != runs["qat"]["final_ir_sha256"]

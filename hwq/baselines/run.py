@@ -185,16 +185,11 @@ def lower_model(model: ResNetCifar, cfg: BaselineConfig) -> Program:
         return lower(model, cfg.quant(), cfg.accumulator(), cfg.mult_bits)
 
 
-def with_provenance(program: Program, ctx: MethodContext, seconds: float) -> Program:
-    """The program with where it came from in its metadata (as hwq train records "training")."""
+def with_provenance(program: Program, ctx: MethodContext) -> Program:
+    """The program with where it came from in its metadata (as hwq train records "training");
+    no timing, so that the same run on another machine gives the same digest."""
     reference = ctx.prepared.program.meta
-    training = {
-        "method": ctx.cfg.method,
-        "seed": ctx.cfg.seed,
-        "recipe": ctx.recipe,
-        "notes": ctx.notes,
-        "method_s": round(seconds, 1),
-    }
+    training = {"method": ctx.cfg.method, "seed": ctx.cfg.seed, "recipe": ctx.recipe, "notes": ctx.notes}
     meta = {
         **program.meta,
         "checkpoint_sha256": reference["checkpoint_sha256"],
@@ -250,7 +245,7 @@ def run_baseline(cfg: BaselineConfig) -> dict:
             f"{name}: worst-case accumulator width {bits} bits exceeds the {program.accumulator.bits}-bit "
             f"accumulator ({report['overflows_by_layer'][name]} val outputs overflowed)"
         )
-    digest = save_program(with_provenance(program, ctx, seconds), out / "final.ir")
+    digest = save_program(with_provenance(program, ctx), out / "final.ir")
     summary = {
         "method": cfg.method,
         "hwq_version": __version__,

@@ -11,6 +11,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 
 from ..baselines import SWEEP_METHODS  # noqa: E402
 
@@ -108,28 +109,36 @@ def notes(table: list[dict]) -> list[str]:
 
 
 def plot(table: list[dict]) -> plt.Figure:
+    """Grouped bars, one colour per method (the same in every report); a cross at the
+    bottom marks a method that failed at that point."""
     points = list(dict.fromkeys(line["point"] for line in table))
     methods = [m for m in SWEEP_METHODS if any(line["method"] == m for line in table)]
     width = 0.8 / len(methods)
-    fig, ax = plt.subplots(figsize=(max(7, 1.6 * len(points) * len(methods) / 4 + 3), 4.6))
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.2 * len(points) * len(methods) / 3 + 3), 5.0))
     for i, method in enumerate(methods):
+        color = f"C{SWEEP_METHODS.index(method)}"
         lines = {line["point"]: line for line in table if line["method"] == method}
-        xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(points))]
-        ok = [
-            (x, lines[p])
-            for x, p in zip(xs, points, strict=True)
-            if p in lines and lines[p]["status"] == "ok"
-        ]
-        bars = ax.bar(
-            [x for x, _ in ok], [100 * line["accuracy"] for _, line in ok], width, label=LABELS[method]
+        xs = {p: j + (i - (len(methods) - 1) / 2) * width for j, p in enumerate(points) if p in lines}
+        ok = [p for p in xs if lines[p]["status"] == "ok"]
+        failed = [p for p in xs if lines[p]["status"] != "ok"]
+        ax.bar(
+            [xs[p] for p in ok],
+            [100 * lines[p]["accuracy"] for p in ok],
+            width,
+            color=color,
+            label=LABELS[method],
         )
-        failed = [x for x, p in zip(xs, points, strict=True) if p in lines and lines[p]["status"] != "ok"]
-        ax.plot(
-            failed, [1] * len(failed), "x", color=bars.patches[0].get_facecolor() if bars.patches else "k"
-        )
+        ax.plot([xs[p] for p in failed], [2] * len(failed), "x", color=color, markersize=8)
     ax.set_xticks(range(len(points)))
-    ax.set_xticklabels(points, rotation=15, ha="right", fontsize=8)
+    ax.set_xticklabels(points, fontsize=8)
     ax.set(ylabel="top-1 accuracy on accel_sim, val (%)", ylim=(0, 100), title=FIGURE_TITLE)
     ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=7, ncol=3, loc="lower left")
+    handles = [Patch(color=f"C{SWEEP_METHODS.index(m)}", label=LABELS[m]) for m in methods]
+    ax.legend(
+        handles=handles,
+        fontsize=7,
+        ncol=min(5, len(methods)),
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.08),
+    )
     return fig
