@@ -185,6 +185,7 @@ def one_line_error(capsys, argv: list[str], needle: str) -> None:
 
 def test_bad_input_is_one_line(workspace, runs, capsys):
     root, data, checkpoint = workspace
+    assert runs["rtn"]  # a finished run directory
     base = ["baseline", "--checkpoint", checkpoint, "--data", data, "--wbits", "4", "--abits", "8"]
     one_line_error(
         capsys, [*base, "--method", "qat", "--out", str(root / "x")], "needs exactly one of --epochs"
@@ -204,7 +205,12 @@ def test_bad_input_is_one_line(workspace, runs, capsys):
     one_line_error(
         capsys, [*base, "--method", "rtn", "--wbits", "1", "--out", str(root / "x")], "out of range"
     )
-    assert not (root / "x" / "summary.json").exists()
+    one_line_error(
+        capsys,
+        [*base, "--method", "rtn", "--data", str(root / "none"), "--out", str(root / "x")],
+        "does not exist",
+    )
+    assert not (root / "x").exists()
 
 
 def test_cli_runs_a_baseline_for_an_accelerator_file(workspace, capsys):

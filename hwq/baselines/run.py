@@ -214,8 +214,6 @@ def run_baseline(cfg: BaselineConfig) -> dict:
     cfg.validate()
     out = Path(cfg.out)
     check_run_dir(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / LOG_FILE).write_bytes(b"")  # a killed earlier attempt starts again
     wall_start = time.perf_counter()
     seed_everything(cfg.seed)
     prepared = prepare(
@@ -232,6 +230,8 @@ def run_baseline(cfg: BaselineConfig) -> dict:
     val = load_split(cfg.data, "val", cfg.val_fraction, cfg.split_seed)
     if len(val) == 0:
         raise HwqError("the val split is empty")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / LOG_FILE).write_bytes(b"")  # a killed earlier attempt starts again
     ctx = MethodContext(cfg, prepared, train, out / LOG_FILE)
     model, seconds = run_method(ctx)
     program = lower_model(model, cfg)
