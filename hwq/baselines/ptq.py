@@ -160,32 +160,36 @@ def optimize_rounding(
     batch: int,
     lr: float,
     gen: torch.Generator,
-) -> tuple[float, float]:
+) -> dict[str, float]:
     """AdaRound on one layer: Adam on the learned-round parameters, loss = the layer's
-    output MSE to the float network's plus Brevitas' annealed rounding regulariser."""
+    output MSE to the float network's plus Brevitas' annealed rounding regulariser.
+    Returns the MSE of the first and last batch, and the last regulariser value."""
     from brevitas.core.function_wrapper.learned_round import LearnedRoundSte
     from brevitas_examples.common.learned_round.learned_round_method import MSELoss, RoundRegularisationLoss
 
     x, y = torch.cat(inputs.inputs), torch.cat(targets.outputs)
     rounding = [m for m in layer.modules() if isinstance(m, LearnedRoundSte)]
     optimizer = torch.optim.Adam([m.value for m in rounding], lr=lr)
-    losses = [RoundRegularisationLoss(layer, max_count=iters), MSELoss(layer, reduction="none", dim=1)]
+    regulariser, mse = (
+        RoundRegularisationLoss(layer, max_count=iters),
+        MSELoss(layer, reduction="none", dim=1),
+    )
     layer.eval()
     for m in rounding:
         m.train()
-    first = last = 0.0
+    record: dict[str, float] = {}
     with torch.enable_grad():
-        for i in range(iters):
+        for _ in range(iters):
             index = torch.randint(0, len(x), (batch,), generator=gen)
             out = layer(inputs.layer_input(x[index]))
-            loss = sum(fn(out, y[index]) for fn in losses)
-            loss.backward()
+            error, penalty = mse(out, y[index]), regulariser(out, y[index])
+            (error + penalty).backward()
             optimizer.step()
             optimizer.zero_grad()
-            last = float(loss)
-            first = last if i == 0 else first
+            record.setdefault("initial_mse", float(error))
+            record |= {"final_mse": float(error), "final_regulariser": float(penalty)}
     layer.eval()
-    return first, last
+    return record
 
 
 def learned_round(ctx: MethodContext) -> ResNetCifar:
@@ -209,7 +213,7 @@ def learned_round(ctx: MethodContext) -> ResNetCifar:
     layers = quant_layers(model)
     targets = float_outputs(model, [layer for _, layer in layers], images)
     for index, ((name, layer), target) in enumerate(zip(layers, targets, strict=True), 1):
-        first, last = optimize_rounding(
+        losses = optimize_rounding(
             layer, quantized_inputs(model, layer, images), target, iters, batch, lr, gen
         )
         ctx.log(
@@ -217,8 +221,7 @@ def learned_round(ctx: MethodContext) -> ResNetCifar:
                 "step": index,
                 "layer": name,
                 "iters": iters,
-                "initial_loss": first,
-                "final_loss": last,
+                **losses,
                 "elapsed_s": round(time.perf_counter() - start, 3),
             }
         )

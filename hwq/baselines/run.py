@@ -65,7 +65,6 @@ class BaselineConfig:
     calibration_images: int = DEFAULT_CALIBRATION_IMAGES
     val_fraction: float = DEFAULT_VAL_FRACTION
     split_seed: int = DEFAULT_SPLIT_SEED
-    progress: bool = True
 
     def quant(self) -> QuantConfig:
         return QuantConfig(self.wbits, self.abits, self.per_channel, self.first_wbits, self.last_wbits)
@@ -239,11 +238,14 @@ def run_baseline(cfg: BaselineConfig) -> dict:
     with torch.no_grad():
         on_brevitas = evaluate_model(model, val, desc="brevitas")
     report = layer_report(on_sim, program.accumulator)
-    for name in report["layers_beyond_accumulator"]:
-        bits = report["worst_case_acc_bits"][name]
+    beyond = report["layers_beyond_accumulator"]
+    if beyond:
+        widths = report["worst_case_acc_bits"]
+        widest = max(beyond, key=widths.get)
         ctx.note(
-            f"{name}: worst-case accumulator width {bits} bits exceeds the {program.accumulator.bits}-bit "
-            f"accumulator ({report['overflows_by_layer'][name]} val outputs overflowed)"
+            f"{len(beyond)} of {len(widths)} layers can overflow the {program.accumulator.bits}-bit "
+            f"accumulator (worst case up to {widths[widest]} bits, {widest}); "
+            f"{report['overflows']} val outputs overflowed"
         )
     digest = save_program(with_provenance(program, ctx), out / "final.ir")
     summary = {

@@ -117,7 +117,6 @@ def baseline_summary(ctx: Context, point: Point, method: str) -> dict:
             calibration_images=cfg.calibration_images,
             val_fraction=cfg.val_fraction,
             split_seed=cfg.split_seed,
-            progress=False,
             **cfg.baseline_overrides.get(method, {}),
         )
     )
