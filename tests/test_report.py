@@ -305,3 +305,61 @@ def test_training_curves_of_run_directories(tmp_path, capsys):
     assert [row["val_accuracy"] for row in table if row["val_accuracy"]] == ["0.75", "0.8125"]
     assert main(["report", "--train-runs", str(tmp_path), "--out", str(out)]) == 2
     assert "not an hwq train run directory" in capsys.readouterr().err
+
+
+def method_row(wb: int, acc: int, method: str, accuracy: float | None, wall_s: float | None, **kw) -> dict:
+    """A row shaped like hwq.studies.methods', for one method at one point."""
+    return {
+        "key": f"w{wb}a8-pt-acc{acc}-wrap-{method}", "method": method, "wbits": wb, "abits": 8,
+        "per_channel": False, "acc_bits": acc, "overflow": "wrap",
+        "status": "failed" if accuracy is None else "ok", "error": "boom" if accuracy is None else None,
+        "accuracy": accuracy, "correct": None, "n": 932, "wall_s": wall_s, "notes": kw.pop("notes", []),
+        "budget": "ptq", "seed": 0, "run_dir": f"baselines/{method}", **kw,
+    }  # fmt: skip
+
+
+def test_method_comparison_shows_every_methods_number_time_and_failure(tmp_path):
+    methods = [
+        method_row(4, 12, "rtn", 0.102, 0.1),
+        method_row(4, 12, "gptq", 0.4521, 290.0),
+        method_row(4, 12, "a2q", None, None),
+        method_row(4, 12, "qat", 0.8811, 600.0, notes=["brevitas warned: something"]),
+        method_row(4, 12, "cc-eda", 0.9034, 600.0),
+        method_row(4, 12, "cc-eda-best", 0.9212, 600.0, init_method="qat", init_wall_s=600.0),
+        method_row(4, 32, "rtn", 0.9099, 0.1),
+    ]
+    write_results(tmp_path / "results.jsonl", synthetic_rows(training=False) + methods)
+    report = build_report(tmp_path, tmp_path / "out")
+    assert "method_comparison" in report.figures and "comparison" in report.tables
+    assert (tmp_path / "out" / "figures" / "method_comparison.png").read_bytes().startswith(b"\x89PNG")
+    table = read_csv(tmp_path / "out" / "tables" / "comparison.csv")
+    assert [(t["point"], t["method"]) for t in table] == [
+        ("W4A8 per-tensor, 32-bit wrap", "rtn"),
+        *(
+            ("W4A8 per-tensor, 12-bit wrap", m)
+            for m in ("rtn", "gptq", "qat", "a2q", "cc-eda", "cc-eda-best")
+        ),
+    ]
+    by_key = {(r["acc_bits"], r["method"]): r for r in methods}
+    for t in table:
+        assert same(t["accuracy"], by_key[(int(t["acc_bits"]), t["method"])]["accuracy"])
+    html = parse_html(tmp_path / "out" / "report.html")
+    header, *body = html.tables["comparison"]
+    assert header == [
+        "point",
+        "RTN",
+        "GPTQ",
+        "QAT (STE)",
+        "A2Q",
+        "CC-EDA from RTN",
+        "CC-EDA from the best baseline",
+    ]
+    narrow = dict(zip(header, next(b for b in body if b[0].startswith("W4A8 per-tensor, 12")), strict=True))
+    assert narrow["GPTQ"] == "45.21 % (4.8 min)" and narrow["A2Q"] == "failed: boom"
+    assert narrow["CC-EDA from the best baseline"] == "92.12 % (10.0 min after QAT (STE), 10.0 min)"
+    wide = dict(zip(header, next(b for b in body if b[0].startswith("W4A8 per-tensor, 32")), strict=True))
+    assert wide["RTN"] == "90.99 % (0.0 min)" and wide["GPTQ"] == "not run"
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "QAT (STE): brevitas warned: something" in summary and "(figures/method_comparison.png)" in summary
+    points = read_csv(tmp_path / "out" / "tables" / "points.csv")
+    assert len(points) == len(synthetic_rows(training=False))  # method rows stay out of the grid's tables

@@ -3,6 +3,7 @@ killed midway resumes without redoing finished points, and training points work.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import fcntl
 import hashlib
@@ -295,3 +296,80 @@ def test_a_row_is_not_appended_twice(finished, tmp_path):
     trained = dataclasses.replace(cfg, train_budget=8)
     assert append_rows(path, rows[:1], unless=lambda row: is_done(row, trained)) == rows[:1]
     assert len(path.read_text().splitlines()) == 4
+
+
+def test_methods_run_at_each_point_their_rows_are_their_summaries_and_a_rerun_skips_them(
+    workspace, tmp_path, monkeypatch
+):
+    cfg = config(
+        workspace,
+        "methods",
+        acc_bits=(32,),
+        arrays=((8, 8),),
+        methods=("rtn", "learned-round", "cc-eda", "cc-eda-best"),
+        method_minutes=0.02,
+        baseline_overrides={"learned-round": {"iters": 2, "batch_size": 8}},
+        train_overrides={
+            "layers": ("fc",),
+            "eda": EDAConfig(population=4, selected=2, group_size=64),
+            "fitness_images": 16,
+            "eval_every": 1,
+            "checkpoint_every": 1,
+        },
+    )
+    sweep(cfg)
+    rows = {r["key"]: r for r in read_results(cfg.results_path)}
+    assert "w4a8-pt-acc32-wrap-8x8" in rows  # the grid row, as without --methods
+    methods = {r["method"]: r for r in rows.values() if "method" in r}
+    assert list(methods) == ["rtn", "learned-round", "cc-eda", "cc-eda-best"]
+    assert all(r["status"] == "ok" and r["key"] == f"w4a8-pt-acc32-wrap-{m}" for m, r in methods.items())
+    for method in ("rtn", "learned-round"):
+        summary = json.loads((sweep_module.Path(methods[method]["run_dir"]) / "summary.json").read_text())
+        assert methods[method]["accuracy"] == summary["val_accuracy"]
+        assert methods[method]["wall_s"] == summary["method_s"]
+        assert methods[method]["run_dir"].startswith(str(workspace[0] / "methods" / "baselines"))
+    for method in ("cc-eda", "cc-eda-best"):
+        summary = json.loads((sweep_module.Path(methods[method]["run_dir"]) / "summary.json").read_text())
+        assert methods[method]["accuracy"] == summary["final_val_accuracy"]
+        assert methods[method]["run_dir"].startswith(str(workspace[0] / "methods" / "train"))
+        assert summary["elapsed_s"] >= 0.02 * 60
+    best = max(("rtn", "learned-round"), key=lambda m: (methods[m]["accuracy"], -methods[m]["wall_s"]))
+    assert methods["cc-eda-best"]["init_method"] == best
+    start = json.loads((sweep_module.Path(methods["cc-eda-best"]["run_dir"]) / "summary.json").read_text())
+    assert start["start"]["init_ir"] == str(sweep_module.Path(methods[best]["run_dir"]) / "final.ir")
+
+    report = build_report(cfg.results_path, tmp_path / "report")
+    assert "method_comparison" in report.figures and "comparison" in report.tables
+    with open(tmp_path / "report" / "tables" / "comparison.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [line["method"] for line in table] == list(methods)
+    for line in table:
+        assert float(line["accuracy"]) == methods[line["method"]]["accuracy"]
+    page = (tmp_path / "report" / "summary.md").read_text()
+    assert all(f"{100 * r['accuracy']:.2f} %" in page for r in methods.values())
+
+    def never(*_a, **_k):
+        raise AssertionError("a finished method ran again")
+
+    monkeypatch.setattr("hwq.baselines.run.run_baseline", never)
+    monkeypatch.setattr("hwq.search.train.train", never)
+    assert sweep(cfg).measured == 0
+    assert read_results(cfg.results_path) == list(rows.values())
+
+
+def test_methods_need_their_budget_and_exist(workspace, capsys):
+    with pytest.raises(HwqError, match="needs exactly one of --method-epochs or --method-minutes"):
+        sweep(config(workspace, "m1", methods=("qat",)))
+    with pytest.raises(HwqError, match="needs qat in --methods"):
+        sweep(config(workspace, "m2", methods=("rtn", "cc-eda")))
+    argv = [
+        "sweep",
+        "--checkpoint",
+        workspace[2],
+        "--out",
+        str(workspace[0] / "m3"),
+        "--methods",
+        "rtn,adaround",
+    ]
+    assert main(argv) == 2
+    assert "--methods 'rtn,adaround': methods are rtn, gptq" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -17,12 +18,13 @@ import pytest
 import torch
 
 from accel_sim.functional import FunctionalSim
-from accel_sim.ir import WEIGHT, load_program, program_digest
+from accel_sim.ir import WEIGHT, load_program, program_digest, save_program
 from hwq import HwqError
 from hwq.cli import main
 from hwq.data import load_split
 from hwq.quant.evaluate import evaluate_program, prepare
-from hwq.quant.model import load_float_model
+from hwq.quant.lower import lower
+from hwq.quant.model import QuantConfig, ResNetCifar, calibrate, load_float_model, quantize_model
 from hwq.search.cceda import EDAConfig
 from hwq.search.evaluator import BrevitasEvaluator, IntegerFitness, SimEvaluator, Targets
 from hwq.search.schedule import BatchSchedule
@@ -623,3 +625,113 @@ def test_cli_flags_of_the_evaluation_spending_and_stopping_features(tmp_path):
     assert "patience_evals" not in cfg.defining(), "patience is a budget: it may change on --resume"
     with pytest.raises(HwqError, match="widen-after needs a --max-radius above"):
         TrainConfig(**{**cfg.__dict__, "max_radius": 1}).validate()
+
+
+# ----- --init-ir ---------------------------------------------------------------------------
+
+
+def edited_program(workspace, name: str, requant: bool) -> tuple[str, object]:
+    """The run's round-to-nearest program with some classifier weights moved one level (a
+    baseline's output), and with `requant` another requantization (learned scales)."""
+    program = load_program(workspace[0] / "full" / "initial.ir")
+    ops = []
+    for op in program.ops:
+        if op.name == "fc":
+            weight = op.weight.copy()
+            limit = (1 << (op.weight_bits - 1)) - 1
+            weight.flat[::7] = np.clip(weight.flat[::7] + 1, -limit, limit)
+            op = dataclasses.replace(op, weight=weight)
+            if requant:
+                op = dataclasses.replace(
+                    op, requant=dataclasses.replace(op.requant, mult=op.requant.mult - 3)
+                )
+        ops.append(op)
+    edited = dataclasses.replace(program, ops=ops)
+    path = workspace[0] / f"{name}.ir"
+    save_program(edited, path)
+    return str(path), edited
+
+
+def test_init_ir_of_the_round_to_nearest_program_is_the_plain_run(workspace, uninterrupted):
+    init = str(workspace[0] / "full" / "initial.ir")
+    summary = train(config(workspace, "from_rtn", 40, init_ir=init))
+    assert summary["start"] == {
+        "init_ir": init,
+        "init_ir_sha256": program_digest(load_program(init)),
+        "positions": "checkpoint",
+        "positions_clipped": 0,
+    }
+    assert_same_run(workspace, "from_rtn", uninterrupted)
+
+
+def test_an_init_ir_is_the_start_and_its_prior_comes_from_the_checkpoint_where_scales_agree(
+    workspace, uninterrupted
+):
+    init, program = edited_program(workspace, "edited", requant=False)
+    summary = train(config(workspace, "init_same_scales", 4, init_ir=init))
+    start = load_program(workspace[0] / "init_same_scales" / "initial.ir")
+    assert np.array_equal(start.op("fc").weight, program.op("fc").weight)
+    assert summary["start"]["positions"] == "checkpoint"
+    assert summary["start"]["positions_clipped"] > 0  # the moved weights: half a level from their level
+    saved = json.loads((workspace[0] / "init_same_scales" / "config.json").read_text())
+    assert saved["init_ir_sha256"] == program_digest(program) == summary["start"]["init_ir_sha256"]
+
+
+def test_a_run_from_an_init_ir_with_its_own_scales_resumes_exactly(workspace, uninterrupted):
+    init, program = edited_program(workspace, "rescaled", requant=True)
+    full = train(config(workspace, "init_full", 24, init_ir=init))
+    start = load_program(workspace[0] / "init_full" / "initial.ir")
+    assert np.array_equal(start.op("fc").requant.mult, program.op("fc").requant.mult)  # the program's own
+    assert full["start"]["positions"] == "levels"
+    reference = (full, final_weights(workspace, "init_full"), log_lines(workspace, "init_full"))
+    train(config(workspace, "init_split", 12, init_ir=init))
+    train(config(workspace, "init_split", 24, init_ir=init), resume=True)
+    assert_same_run(workspace, "init_split", reference, "init_full")
+
+
+def test_init_ir_must_match_the_architecture_and_widths(workspace, uninterrupted, capsys):
+    root, data, checkpoint = workspace
+    w3 = prepare(checkpoint, QuantConfig(3, 8), data, 32).program
+    save_program(w3, root / "w3.ir")
+    with pytest.raises(HwqError, match="op conv1: weight_bits is 3, expected 4"):
+        train(config(workspace, "w3", 4, init_ir=str(root / "w3.ir")))
+    torch.manual_seed(0)
+    deeper = quantize_model(ResNetCifar(32).eval(), QuantConfig(4, 8))
+    calibrate(deeper, load_split(data, "train").images[:32])
+    save_program(lower(deeper, QuantConfig(4, 8)), root / "r32.ir")
+    with pytest.raises(HwqError, match="op 8 is conv2d layer1.3.conv1, expected conv2d layer2.0.conv1"):
+        train(config(workspace, "r32", 4, init_ir=str(root / "r32.ir")))
+    init, _ = edited_program(workspace, "scaled", requant=True)
+    with pytest.raises(HwqError, match="--target brevitas .* requantizes differently"):
+        train(config(workspace, "scaled_brevitas", 4, init_ir=init, target="brevitas"))
+    argv = [
+        "train",
+        "--checkpoint",
+        checkpoint,
+        "--data",
+        data,
+        "--wbits",
+        "4",
+        "--abits",
+        "8",
+        "--fitness-images",
+        "16",
+    ]
+    assert (
+        main([*argv, "--budget-evals", "4", "--init-ir", str(root / "w3.ir"), "--out", str(root / "w3cli")])
+        == 2
+    )
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "does not match the program lowered from" in err
+    assert not (root / "w3cli" / "state.pkl").exists()
+
+
+def test_a_changed_init_ir_is_refused_on_resume(workspace, uninterrupted, capsys):
+    init, _ = edited_program(workspace, "changing", requant=False)
+    train(config(workspace, "changing", 4, init_ir=init))
+    edited_program(workspace, "changing", requant=True)  # the file is rewritten with other contents
+    with pytest.raises(HwqError, match="differ from the run's: init_ir_sha256"):
+        train(config(workspace, "changing", 8, init_ir=init), resume=True)
+    capsys.readouterr()
+    assert main(["train", "--out", str(workspace[0] / "changing"), "--resume", "--budget-evals", "8"]) == 2
+    assert "changed since the run started" in capsys.readouterr().err

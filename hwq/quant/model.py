@@ -132,13 +132,16 @@ class QuantLayers:
 
     Weight scales come from the weights' statistics once (max |w|, as Brevitas' default)
     and are then parameters: editing the weights later (the trainer's candidates) keeps
-    the scale, so integer weights written back come out as the same integers.
+    the scale, so integer weights written back come out as the same integers. A baseline
+    may pass another Brevitas weight quantizer (A2Q's accumulator-aware ones).
     """
 
-    def __init__(self, cfg: QuantConfig) -> None:
+    def __init__(self, cfg: QuantConfig, weight_quant: type | None = None) -> None:
         self.cfg = cfg
-        base = Int8WeightPerChannelFloat if cfg.per_channel else Int8WeightPerTensorFloat
-        self.weight_quant = base.let(scaling_impl_type=ScalingImplType.PARAMETER_FROM_STATS)
+        if weight_quant is None:
+            base = Int8WeightPerChannelFloat if cfg.per_channel else Int8WeightPerTensorFloat
+            weight_quant = base.let(scaling_impl_type=ScalingImplType.PARAMETER_FROM_STATS)
+        self.weight_quant = weight_quant
 
     def input_transform(self) -> nn.Module:
         return SubtractZeroPoint()
@@ -317,10 +320,14 @@ def load_float_model(spec: str, depth: int | None = None) -> ResNetCifar:
     return model.eval()
 
 
-def quantize_model(float_model: ResNetCifar, cfg: QuantConfig) -> ResNetCifar:
-    """The Brevitas network with the float weights; 1/(255*std) folded into the first conv."""
+def quantize_model(
+    float_model: ResNetCifar, cfg: QuantConfig, weight_quant: type | None = None
+) -> ResNetCifar:
+    """The Brevitas network with the float weights; 1/(255*std) folded into the first conv.
+    `weight_quant` replaces the default weight quantizer (see QuantLayers)."""
     cfg.validate()
-    qmodel = ResNetCifar(float_model.depth, float_model.linear.out_features, QuantLayers(cfg))
+    layers = QuantLayers(cfg, weight_quant)
+    qmodel = ResNetCifar(float_model.depth, float_model.linear.out_features, layers)
     state = {k: v.clone() for k, v in float_model.state_dict().items()}
     std = torch.tensor(CIFAR_STD).view(1, 3, 1, 1) * 255
     state["conv1.weight"] = state["conv1.weight"] / std

@@ -156,6 +156,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=positive_int,
         help="also stop when the held-out accuracy has not improved for this many evaluations",
     )
+    p.add_argument(
+        "--init-ir",
+        help="start from this integer program (e.g. a baseline's final.ir) instead of round-to-nearest",
+    )
     s = p.add_argument_group("search (docs/training.md)")
     s.add_argument("--radius", type=positive_int, help="levels each side of the initial value (default 1)")
     s.add_argument(

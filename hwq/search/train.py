@@ -51,6 +51,7 @@ from .evaluator import (
 from .heldout import float_logits, held_out_figures
 from .rundir import CONFIG_FILE, LOG_FILE, STATE_FILE
 from .schedule import BatchSchedule
+from .start import POSITIONS_FROM_CHECKPOINT, init_digest, start_from
 from .state import check_identity, read_state, write_state
 
 TARGETS = ("accel_sim", "brevitas")
@@ -85,6 +86,8 @@ RUN_DEFINING = (
     "split_seed",
     "calibration_images",
     "layers",
+    "init_ir",
+    "init_ir_sha256",
 )
 
 
@@ -126,6 +129,8 @@ class TrainConfig:
     split_seed: int = 0
     calibration_images: int = 512
     layers: tuple[str, ...] | None = None
+    init_ir: str | None = None  # start from this integer program instead of round-to-nearest
+    init_ir_sha256: str | None = None  # its digest, recorded when the run starts
     device: str = "cpu"
     compile: bool = False
     workers: int | None = None  # Ray actors the fitness is spread over (None: in process)
@@ -192,7 +197,10 @@ class TrainConfig:
     def with_absolute_paths(self) -> TrainConfig:
         """Checkpoint and data as absolute paths, so the run resumes from any directory."""
         return dataclasses.replace(
-            self, checkpoint=rundir.absolute_checkpoint(self.checkpoint), data=rundir.absolute_data(self.data)
+            self,
+            checkpoint=rundir.absolute_checkpoint(self.checkpoint),
+            data=rundir.absolute_data(self.data),
+            init_ir=None if self.init_ir is None else str(Path(self.init_ir).absolute()),
         )
 
 
@@ -201,7 +209,7 @@ class _Run:
 
     def __init__(self, cfg: TrainConfig, resume: bool):
         cfg.validate()
-        self.cfg = cfg = cfg.with_absolute_paths()
+        self.cfg = cfg = with_init_digest(cfg.with_absolute_paths())
         self.dir = Path(cfg.out)
         saved = self.check_run_dir(resume)
         self.train = load_split(cfg.data, "train", cfg.val_fraction, cfg.split_seed)
@@ -222,10 +230,6 @@ class _Run:
             cfg.accumulator(),
             cfg.mult_bits,
         )
-        self.initial = prepared.program
-        self.identity["initial_ir_sha256"] = program_digest(self.initial)
-        if saved:
-            check_identity(self.dir / STATE_FILE, self.saved_identity, self.identity)
         self.float_model = prepared.float_model
         if cfg.max_fitness_images is not None and cfg.max_fitness_images > len(self.train):
             raise HwqError(
@@ -236,7 +240,11 @@ class _Run:
         self.period_fitness = 0  # and its fitness on that batch
         self.val_reference = np.empty((0, 0))
         with torch.no_grad():
-            positions = weight_positions(prepared.qmodel, self.initial)
+            positions = weight_positions(prepared.qmodel, prepared.program)
+        self.initial, positions, self.start = starting_point(cfg, prepared.program, positions)
+        self.identity["initial_ir_sha256"] = program_digest(self.initial)
+        if saved:
+            check_identity(self.dir / STATE_FILE, self.saved_identity, self.identity)
         self.space = search_space(self.initial, cfg, positions)
         self.search = CCEDA(self.space, cfg.eda, cfg.seed)
         self.fitness = IntegerFitness(cfg.fitness, logit_lsbs(self.initial, cfg.margin_clip))
@@ -568,9 +576,45 @@ class _Run:
             "best_val": {**self.best_val, "ir": str(self.dir / "best_val.ir")} if self.best_val else None,
             "stopped": self.stop_reason(),
             "complete": self.stop_reason() != "interrupted",
+            "start": self.start,
         }
         write_json(self.dir / "summary.json", summary)
         return summary
+
+
+def with_init_digest(cfg: TrainConfig) -> TrainConfig:
+    """The config with the digest of its --init-ir, which must not change across resumes."""
+    if cfg.init_ir is None:
+        return cfg
+    digest = init_digest(cfg.init_ir)
+    if cfg.init_ir_sha256 not in (None, digest):
+        raise HwqError(
+            f"--init-ir {cfg.init_ir} changed since the run started (its sha256 was {cfg.init_ir_sha256})"
+        )
+    return dataclasses.replace(cfg, init_ir_sha256=digest)
+
+
+def starting_point(
+    cfg: TrainConfig, lowered: Program, positions: dict[str, np.ndarray]
+) -> tuple[Program, dict[str, np.ndarray], dict]:
+    """The initial program, the float positions of its weights, and a record of both:
+    round-to-nearest (the lowering itself), or --init-ir checked against it."""
+    if cfg.init_ir is None:
+        return lowered, positions, {"init_ir": None, "positions": POSITIONS_FROM_CHECKPOINT}
+    what = f"{cfg.checkpoint} at W{cfg.wbits}A{cfg.abits}{' per-channel' if cfg.per_channel else ''}"
+    start = start_from(cfg.init_ir, lowered, positions, what)
+    if cfg.target == "brevitas" and start.source != POSITIONS_FROM_CHECKPOINT:
+        raise HwqError(
+            f"--target brevitas writes integers into the Brevitas layers at the lowering's scales, but "
+            f"--init-ir {cfg.init_ir} requantizes differently; use --target accel_sim"
+        )
+    record = {
+        "init_ir": cfg.init_ir,
+        "init_ir_sha256": cfg.init_ir_sha256,
+        "positions": start.source,
+        "positions_clipped": start.clipped,
+    }
+    return start.program, start.positions, record
 
 
 def search_space(program: Program, cfg: TrainConfig, positions: dict[str, np.ndarray]) -> SearchSpace:

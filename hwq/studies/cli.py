@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..data import DEFAULT_SPLIT_SEED, DEFAULT_VAL_FRACTION
-from ..flags import MULT_BITS, nonnegative_int, open_fraction, positive_int, torch_device
+from ..flags import MULT_BITS, nonnegative_int, open_fraction, positive_float, positive_int, torch_device
 from ..outdir import check_output_dir
 from ..quant import DEFAULT_CALIBRATION_IMAGES, DEFAULT_MULT_BITS
 
@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
 def sweep_config(args: argparse.Namespace) -> SweepConfig:
     """Flags given override the grid that --full selects (the small grid without it)."""
+    from .methods import parse_methods
     from .sweep import FULL_GRID, SMALL_GRID, SweepConfig, parse_arrays, parse_int_list, parse_overflow
 
     grid = FULL_GRID if args.full else SMALL_GRID
@@ -42,6 +43,9 @@ def sweep_config(args: argparse.Namespace) -> SweepConfig:
         mult_bits=args.mult_bits,
         batch=args.batch,
         device=args.device,
+        methods=parse_methods(args.methods) if args.methods else (),
+        method_epochs=args.method_epochs,
+        method_minutes=args.method_minutes,
     )
 
 
@@ -77,6 +81,20 @@ def add_sweep_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--arrays", help="array sizes, e.g. 8x8,16x16 (default: the --hw file's)")
     p.add_argument(
         "--area", action="append", help="CSV of python -m rtl_models.area (repeatable: one per overflow mode)"
+    )
+    p.add_argument(
+        "--methods",
+        help="also run these methods at every point: rtn,gptq,gpfq,learned-round,qat,a2q,a2q-plus,"
+        "cc-eda,cc-eda-best (docs/baselines.md; run directories under OUT/baselines/ and OUT/train/)",
+    )
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument(
+        "--method-epochs", type=positive_int, help="--methods: epochs of qat, a2q and a2q-plus"
+    )
+    budget.add_argument(
+        "--method-minutes",
+        type=positive_float,
+        help="--methods: minutes of qat, a2q, a2q-plus (and of CC-EDA without qat)",
     )
     p.add_argument(
         "--train-budget", type=positive_int, help="also train each point with CC-EDA for N evaluations"

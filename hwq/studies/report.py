@@ -24,6 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from .. import HwqError  # noqa: E402
 from ..outdir import check_output_dir  # noqa: E402
 from ..results import write_csv  # noqa: E402
+from . import comparison  # noqa: E402
 from .rows import RESULTS_FILE, read_results, training_curve  # noqa: E402
 
 FIGURES = {
@@ -503,16 +504,62 @@ def build_tables(rows: list[dict], tables: Path, report: Report) -> dict[str, li
     return built
 
 
+def build_comparison(
+    rows: list[dict], figures: Path, tables: Path, report: Report, built: dict[str, list[dict]]
+) -> None:
+    """The method comparison, when the sweep ran --methods (otherwise nothing is said)."""
+    table = comparison.comparison_table(rows)
+    if not table:
+        return
+    save_figure(comparison.plot(table), figures, comparison.FIGURE)
+    report.figures.append(comparison.FIGURE)
+    write_csv(tables / f"{comparison.TABLE}.csv", table)
+    report.tables.append(comparison.TABLE)
+    built[comparison.TABLE] = table
+
+
+def comparison_html(built: dict[str, list[dict]], report: Report) -> list[str]:
+    if comparison.TABLE not in built:
+        return []
+    table = built[comparison.TABLE]
+    data = base64.b64encode((report.out / "figures" / f"{comparison.FIGURE}.png").read_bytes()).decode()
+    header, body = comparison.pivot(table)
+    parts = [
+        f'<section id="section-{comparison.FIGURE}"><h2>{escape(comparison.TABLE_TITLE)}</h2>',
+        html_table(header, body, comparison.TABLE),
+        *(f"<p>{escape(note)}</p>" for note in comparison.notes(table)),
+        f'<img id="{comparison.FIGURE}" alt="{escape(comparison.FIGURE_TITLE)}" '
+        f'src="data:image/png;base64,{data}">',
+        f"<p>CSV: tables/{comparison.TABLE}.csv</p></section>",
+    ]
+    return parts
+
+
+def comparison_markdown(built: dict[str, list[dict]]) -> list[str]:
+    if comparison.TABLE not in built:
+        return []
+    table = built[comparison.TABLE]
+    page = [f"## {comparison.TABLE_TITLE}", "", md_table(*comparison.pivot(table)), ""]
+    page += [f"- {note}" for note in comparison.notes(table)]
+    name, title = comparison.FIGURE, comparison.FIGURE_TITLE
+    page += ["", f"![{title}](figures/{name}.png)", "", f"{title} ([SVG](figures/{name}.svg))", ""]
+    return page
+
+
 def build_report(results: str | os.PathLike, out: str | os.PathLike) -> Report:
     """Write report.html, summary.md, figures/*.png|svg and tables/*.csv under `out`."""
     check_output_dir(out)
-    rows = load_rows(results)
+    everything = load_rows(results)
+    rows = [r for r in everything if "method" not in r]  # the grid; method rows: the comparison
+    if not rows:
+        raise HwqError(f"{results} holds method rows only, no measured grid points")
     report = Report(Path(out))
     figures, tables = report.out / "figures", report.out / "tables"
     figures.mkdir(parents=True, exist_ok=True)
     tables.mkdir(parents=True, exist_ok=True)
     build_figures(rows, figures, report)
     built = build_tables(rows, tables, report)
+    build_comparison(everything, figures, tables, report, built)
     (report.out / "report.html").write_text(html_page(rows, built, report))
     (report.out / "summary.md").write_text(markdown_page(rows, built, report))
     return report
@@ -682,6 +729,7 @@ def html_page(rows: list[dict], built: dict[str, list[dict]], report: Report) ->
         f"<style>{STYLE}</style></head><body>",
         "<h1>Accuracy versus accelerator bit width</h1>",
         f"<p>{escape(context_line(rows))}</p>",
+        *comparison_html(built, report),
     ]
     for name, title in FIGURES.items():
         parts.append(f'<section id="section-{name}"><h2>{escape(title)}</h2>')
@@ -704,6 +752,7 @@ def html_page(rows: list[dict], built: dict[str, list[dict]], report: Report) ->
 
 def markdown_page(rows: list[dict], built: dict[str, list[dict]], report: Report) -> str:
     page = ["# Accuracy versus accelerator bit width", "", context_line(rows), ""]
+    page += comparison_markdown(built)
     shown = views(rows, built)
     for name in ("accumulator", "accumulator_breaks", "pareto_energy", "pareto_area"):
         header, body = shown[name]

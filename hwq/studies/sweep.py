@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from multiprocessing import get_context
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -58,7 +59,11 @@ from ..quant import DEFAULT_BATCH, DEFAULT_CALIBRATION_IMAGES
 from ..quant.evaluate import ModeResult, evaluate_program, prepare
 from ..quant.model import QuantConfig, resolve_checkpoint
 from ..results import percent, write_json
+from .methods import methods_pending, run_methods, validate_methods
 from .rows import RESULTS_FILE, append_rows, drop_truncated_tail, read_results, training_curve
+
+if TYPE_CHECKING:
+    from ..search.train import TrainConfig
 
 SETTINGS_FILE = "sweep.json"
 DEFAULT_HW = Path(__file__).resolve().parents[2] / "examples" / "rtl_8x8.toml"
@@ -175,6 +180,10 @@ class SweepConfig:
     device: str = "cpu"
     progress: bool = True
     train_overrides: dict = field(default_factory=dict)  # more TrainConfig fields (tests, tuning)
+    methods: tuple[str, ...] = ()  # baselines and CC-EDA variants (hwq.studies.methods)
+    method_epochs: int | None = None  # qat / a2q / a2q-plus budget ...
+    method_minutes: float | None = None  # ... or theirs in minutes (and CC-EDA's without qat)
+    baseline_overrides: dict = field(default_factory=dict)  # method -> more BaselineConfig fields
 
     @property
     def results_path(self) -> Path:
@@ -193,6 +202,7 @@ class SweepConfig:
             raise HwqError("--jobs must be at least 1")
         if self.limit is not None and self.limit < 1:
             raise HwqError("--limit must be at least 1")
+        validate_methods(self)
 
     def fixed(self, hw: Accelerator) -> dict:
         """What every row of one results file must share; a rerun that differs here would
@@ -444,35 +454,42 @@ def timing_fields(program: Program, hw: Accelerator, batch: int, result: ModeRes
     }
 
 
+def point_train_config(cfg: SweepConfig, point: Point, run_dir: Path, **budget: object) -> TrainConfig:
+    """The CC-EDA run of a point: its arithmetic, the sweep's data settings, `budget`."""
+    from ..search.train import TrainConfig
+
+    return TrainConfig(
+        checkpoint=cfg.checkpoint,
+        out=str(run_dir),
+        wbits=point.wbits,
+        abits=point.abits,
+        data=cfg.data,
+        per_channel=point.per_channel,
+        accumulator_bits=point.acc_bits,
+        overflow=point.overflow,
+        mult_bits=cfg.mult_bits,
+        seed=cfg.seed,
+        val_fraction=cfg.val_fraction,
+        split_seed=cfg.split_seed,
+        calibration_images=cfg.calibration_images,
+        progress=False,
+        **budget,
+        **cfg.train_overrides,
+    )
+
+
 def train_point(ctx: Context, point: Point, ds: Dataset) -> dict:
     """CC-EDA on the point's arithmetic; resumes the run directory an earlier, interrupted
     sweep left, and re-measures the final program on the sweep's own images."""
     from ..search.rundir import STATE_FILE  # the trainer is needed only with --train-budget
-    from ..search.train import TrainConfig, train
+    from ..search.train import train
 
     cfg = ctx.cfg
     run_dir = Path(cfg.out) / "train" / f"{point.name}-e{cfg.train_budget}-s{cfg.seed}"
     summary_file = run_dir / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.exists() else {"complete": False}
     if not summary.get("complete", True):
-        tcfg = TrainConfig(
-            checkpoint=cfg.checkpoint,
-            out=str(run_dir),
-            wbits=point.wbits,
-            abits=point.abits,
-            data=cfg.data,
-            per_channel=point.per_channel,
-            accumulator_bits=point.acc_bits,
-            overflow=point.overflow,
-            mult_bits=cfg.mult_bits,
-            seed=cfg.seed,
-            budget_evals=cfg.train_budget,
-            val_fraction=cfg.val_fraction,
-            split_seed=cfg.split_seed,
-            calibration_images=cfg.calibration_images,
-            progress=False,
-            **cfg.train_overrides,
-        )
+        tcfg = point_train_config(cfg, point, run_dir, budget_evals=cfg.train_budget)
         summary = train(tcfg, resume=(run_dir / STATE_FILE).exists())  # Ctrl-C: the next sweep resumes it
     final = load_program(summary["final_ir"])
     result = evaluate_program(final, ds, cfg.batch_size, cfg.device)
@@ -555,12 +572,22 @@ def run_group(ctx: Context, group: tuple[int, int, bool], points: list[Point]) -
     if len(ds) == 0:
         raise HwqError("the val split is empty")
     for point in points:
-        rows = point_rows(ctx, prepared.program, ir, ds, point)
-        rows = append_rows(cfg.results_path, rows, unless=lambda row: is_done(row, cfg))
-        if cfg.progress:
-            for row in rows:
-                print(f"  {describe(row)}", flush=True)
+        if not (cfg.methods and point_measured(cfg, point, ctx.arrays)):
+            rows = point_rows(ctx, prepared.program, ir, ds, point)
+            rows = append_rows(cfg.results_path, rows, unless=lambda row: is_done(row, cfg))
+            if cfg.progress:
+                for row in rows:
+                    print(f"  {describe(row)}", flush=True)
+        if cfg.methods:
+            run_methods(ctx, point)
     return len(points)
+
+
+def point_measured(cfg: SweepConfig, point: Point, arrays: tuple[tuple[int, int], ...]) -> bool:
+    """Whether every array's row of the point is in the results file (a sweep with
+    --methods reruns a group for its methods, not for the rows it already has)."""
+    done = {row["key"]: row for row in read_results(cfg.results_path)} if cfg.results_path.exists() else {}
+    return all(is_done(done.get(point.key(r, c)), cfg) for r, c in arrays)
 
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -617,7 +644,9 @@ def pending_groups(
     """Points with any array's row missing (or lacking the training asked for), by group."""
     groups: dict[tuple[int, int, bool], list[Point]] = {}
     for point in points:
-        if not all(is_done(done.get(point.key(r, c)), cfg) for r, c in arrays):
+        if not all(is_done(done.get(point.key(r, c)), cfg) for r, c in arrays) or methods_pending(
+            cfg, point, done
+        ):
             groups.setdefault(point.group, []).append(point)
     return groups
 
