@@ -549,7 +549,9 @@ def test_interrupted_run_with_every_feature_resumes_exactly(workspace, featured,
         return original(self, candidates)
 
     monkeypatch.setattr(SimEvaluator, "evaluate", interrupting)
-    stopped = train(all_features(workspace, "featured_split", 80))
+    with pytest.raises(KeyboardInterrupt, match="run incomplete: stopped by SIGINT"):
+        train(all_features(workspace, "featured_split", 80))
+    stopped = json.loads((workspace[0] / "featured_split" / "summary.json").read_text())
     assert stopped["stopped"] == "interrupted" and not stopped["complete"]
     monkeypatch.setattr(SimEvaluator, "evaluate", original)
     resumed = train(all_features(workspace, "featured_split", 80), resume=True)

@@ -32,7 +32,9 @@ class ParamBlock:
     `position` is each parameter's real value in units of its quantization step (for a
     weight, the float weight divided by its scale); `base` is its starting level (the
     round-to-nearest one). `lo`/`hi` bound every level; a parameter starts with `radius`
-    levels each side and may be widened to `max_radius`.
+    levels each side and may be widened to `max_radius`. Level `k` of a parameter is the
+    value `base + k * step`: a weight moves by one integer level, a bias or a multiplier
+    (hwq.search.space) by a step sized to what it changes.
     """
 
     op: str
@@ -44,6 +46,11 @@ class ParamBlock:
     position: np.ndarray
     radius: int
     max_radius: int
+    step: np.ndarray | None = None  # per parameter, >= 1; None: 1
+
+    @property
+    def steps(self) -> np.ndarray:
+        return np.ones(self.size, dtype=np.int64) if self.step is None else self.step
 
     @property
     def key(self) -> ParamKey:
@@ -60,6 +67,8 @@ class ParamBlock:
             raise HwqError(f"--max-radius {self.max_radius} is below the radius {self.radius}")
         if np.any(self.base < self.lo) or np.any(self.base > self.hi):
             raise HwqError(f"{self.op}.{self.field} starts outside its range")
+        if self.steps.shape != self.base.shape or np.any(self.steps < 1):
+            raise HwqError(f"{self.op}.{self.field}: steps must be positive, one per parameter")
         if np.any(np.abs(self.position - self.base) > 0.5 + 1e-6):
             raise HwqError("float positions do not round to the integer weights they start from")
 
@@ -120,6 +129,11 @@ class SearchSpace:
         return np.concatenate([b.position for b in self.blocks])
 
     @cached_property
+    def step(self) -> np.ndarray:
+        """Every parameter's value step between adjacent levels."""
+        return np.concatenate([b.steps for b in self.blocks])
+
+    @cached_property
     def radius(self) -> np.ndarray:
         """Every parameter's starting radius."""
         return np.repeat([b.radius for b in self.blocks], [b.size for b in self.blocks])
@@ -166,14 +180,14 @@ class SearchSpace:
         index = slice(None) if index is None else index
         radius = self.radius[index] if radius is None else radius
         offsets = self.level_offsets[None, :]
-        values = self.base[index, None] + offsets
+        values = self.base[index, None] + offsets * self.step[index, None]
         inside = (values >= self.lo[index, None]) & (values <= self.hi[index, None])
         return inside & (np.abs(offsets) <= np.asarray(radius)[:, None])
 
     def values(self, categories: np.ndarray, index: np.ndarray | None = None) -> np.ndarray:
         """Parameter values of category indices (of all parameters, or those at `index`)."""
-        base = self.base if index is None else self.base[index]
-        return base + categories - self.width
+        index = slice(None) if index is None else index
+        return self.base[index] + (categories - self.width) * self.step[index]
 
     def unflatten(self, values: np.ndarray) -> dict[ParamKey, np.ndarray]:
         off = self.offsets
@@ -244,8 +258,8 @@ def initial_probabilities(space: SearchSpace, sigma: float) -> np.ndarray:
     probability) measures how unambiguous the rounding was: a weight that sat halfway
     between two levels starts near 50/50 and is among the first the search examines.
     """
-    levels = space.base[:, None] + space.level_offsets[None, :]
-    logits = -((levels - space.position[:, None]) ** 2) / (2 * sigma**2)
+    centre = (space.position - space.base) / space.step  # in levels
+    logits = -((space.level_offsets[None, :] - centre[:, None]) ** 2) / (2 * sigma**2)
     logits = np.where(space.valid(), logits, -np.inf)
     probs = np.exp(logits - logits.max(axis=1, keepdims=True))
     return probs / probs.sum(axis=1, keepdims=True)

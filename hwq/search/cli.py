@@ -26,6 +26,16 @@ if TYPE_CHECKING:
     from .train import TrainConfig
 
 
+def search_fields(text: str) -> tuple[str, ...]:
+    """--search as the canonical tuple (argparse turns the HwqError's text into its message)."""
+    from .space import parse_search
+
+    try:
+        return parse_search(text)
+    except HwqError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix(f"--search {text!r}: ")) from None
+
+
 def train_config(args: argparse.Namespace) -> TrainConfig:
     """The run's config: from the flags, or on --resume from the run directory, where
     flags given again must agree and only budget and execution flags may change."""
@@ -99,11 +109,15 @@ def cmd_train(args: argparse.Namespace) -> None:
     from .train import train
 
     summary = train(cfg, resume=args.resume)
+    changed = ", ".join(
+        f"{summary['params_changed'][f]} of {n} {f}s" for f, n in summary["params_searched"].items()
+    )
+    start = "round-to-nearest" if cfg.init_ir is None else "--init-ir"
     print(
-        f"held-out accuracy on accel_sim: {percent(summary['initial_val_accuracy'])} (round-to-nearest) -> "
+        f"held-out accuracy on accel_sim: {percent(summary['initial_val_accuracy'])} ({start}) -> "
         f"{percent(summary['final_val_accuracy'])} after {summary['evaluations']} evaluations "
         f"({summary['evals_per_s']} evals/s, {summary['macs_per_eval'] / 1e6:.1f} MMAC/eval); "
-        f"{summary['weights_changed']} of {summary['weights_searched']} weights changed; "
+        f"changed: {changed}; "
         f"top-1 agreement with the float network {percent(summary['final_val_agreement'])}; "
         f"stopped by {summary['stopped']}"
     )
@@ -151,6 +165,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     budget.add_argument("--budget-minutes", type=positive_float, help="stop after this much search time")
     p.add_argument("--seed", type=nonnegative_int, help="seed of the search (default 0)")
     p.add_argument("--layers", help="comma-separated layers to search (default: every conv and fc)")
+    p.add_argument(
+        "--search",
+        type=search_fields,
+        help="integer parameters to search: weights, bias, mult, comma-separated (default weights)",
+    )
     p.add_argument(
         "--patience-evals",
         type=positive_int,

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from accel_sim.ir import MAX_MULT_BITS, Accumulator, ParamKey, Program, program_digest, save_program
+from accel_sim.ir import MAX_MULT_BITS, WEIGHT, Accumulator, ParamKey, Program, program_digest, save_program
 
 from .. import HwqError, __version__
 from ..data import load_split
@@ -38,7 +38,7 @@ from ..quant.lower import weight_positions
 from ..quant.model import QuantConfig, file_sha256
 from ..results import write_json
 from . import FITNESS_MODES, rundir
-from .cceda import CCEDA, EDAConfig, SearchSpace
+from .cceda import CCEDA, EDAConfig
 from .distributed import require_ray, validate_settings
 from .evaluator import (
     BrevitasEvaluator,
@@ -51,6 +51,7 @@ from .evaluator import (
 from .heldout import float_logits, held_out_figures
 from .rundir import CONFIG_FILE, LOG_FILE, STATE_FILE
 from .schedule import BatchSchedule
+from .space import SEARCHABLE, program_space
 from .start import POSITIONS_FROM_CHECKPOINT, init_digest, start_from
 from .state import check_identity, read_state, write_state
 
@@ -86,6 +87,7 @@ RUN_DEFINING = (
     "split_seed",
     "calibration_images",
     "layers",
+    "search",
     "init_ir",
     "init_ir_sha256",
 )
@@ -129,6 +131,7 @@ class TrainConfig:
     split_seed: int = 0
     calibration_images: int = 512
     layers: tuple[str, ...] | None = None
+    search: tuple[str, ...] = ("weights",)  # hwq.search.space.SEARCHABLE: weights, bias, mult
     init_ir: str | None = None  # start from this integer program instead of round-to-nearest
     init_ir_sha256: str | None = None  # its digest, recorded when the run starts
     device: str = "cpu"
@@ -170,6 +173,10 @@ class TrainConfig:
         validate_settings(self.workers, self.ray_address, self.cpus_per_worker, self.target)
         if self.workers is not None:
             require_ray()
+        if not self.search or set(self.search) - set(SEARCHABLE):
+            raise HwqError(f"--search must name some of {', '.join(SEARCHABLE)}")
+        if self.target == "brevitas" and self.search != ("weights",):
+            raise HwqError("--target brevitas searches weights only; --search bias or mult needs accel_sim")
         if self.patience_evals is not None and self.patience_evals < 1:
             raise HwqError("--patience-evals must be at least 1")
         if self.eda.widen_after and self.max_radius <= self.radius:
@@ -190,6 +197,8 @@ class TrainConfig:
             values["eda"] = EDAConfig(**values.get("eda", {}))
             if values.get("layers") is not None:
                 values["layers"] = tuple(values["layers"])
+            if "search" in values:
+                values["search"] = tuple(values["search"])
             return cls(**values)
         except TypeError as exc:
             raise HwqError(f"not the configuration of an hwq train run ({exc})") from None
@@ -245,7 +254,14 @@ class _Run:
         self.identity["initial_ir_sha256"] = program_digest(self.initial)
         if saved:
             check_identity(self.dir / STATE_FILE, self.saved_identity, self.identity)
-        self.space = search_space(self.initial, cfg, positions)
+        self.space = program_space(
+            self.initial,
+            cfg.layers,
+            cfg.search,
+            cfg.radius,
+            cfg.max_radius if cfg.eda.widen_after else cfg.radius,
+            positions,
+        )
         self.search = CCEDA(self.space, cfg.eda, cfg.seed)
         self.fitness = IntegerFitness(cfg.fitness, logit_lsbs(self.initial, cfg.margin_clip))
         self.evaluator: Evaluator
@@ -554,10 +570,22 @@ class _Run:
         program = self.best_program()
         return dataclasses.replace(program, meta={**program.meta, "training": training})
 
+    def changed_by_field(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Per searched field (weight, bias, mult): how many parameters the best solution
+        changed from their start, and how many were searched."""
+        moved = self.search.best_values() != self.space.base
+        changed: dict[str, int] = {}
+        searched: dict[str, int] = {}
+        off = self.space.offsets
+        for i, block in enumerate(self.space.blocks):
+            changed[block.field] = changed.get(block.field, 0) + int(moved[off[i] : off[i + 1]].sum())
+            searched[block.field] = searched.get(block.field, 0) + block.size
+        return changed, searched
+
     def finish(self) -> dict:
         final = self.trained_program()
         save_program(final, self.dir / "final.ir")
-        changed = int((self.search.best_values() != self.space.base).sum())
+        changed, searched = self.changed_by_field()
         figures = held_out_figures(final, self.val, self.val_reference)
         summary = {
             "initial_val_accuracy": self.history[0]["val_accuracy"],
@@ -568,8 +596,10 @@ class _Run:
             "elapsed_s": round(self.elapsed, 1),
             "evals_per_s": round(self.evaluator.evaluations / max(self.elapsed, 1e-9), 2),
             "macs_per_eval": self.evaluator.macs // max(self.evaluator.evaluations, 1),
-            "weights_changed": changed,
-            "weights_searched": self.space.size,
+            "weights_changed": changed.get(WEIGHT, 0),
+            "weights_searched": searched.get(WEIGHT, 0),
+            "params_changed": changed,
+            "params_searched": searched,
             "weights_widened": int((self.search.radius > self.space.radius).sum()),
             "final_ir": str(self.dir / "final.ir"),
             "final_ir_sha256": file_sha256(self.dir / "final.ir"),  # of the bytes written: sha256sum agrees
@@ -615,21 +645,6 @@ def starting_point(
         "positions_clipped": start.clipped,
     }
     return start.program, start.positions, record
-
-
-def search_space(program: Program, cfg: TrainConfig, positions: dict[str, np.ndarray]) -> SearchSpace:
-    convs = {op.name: op for op in program.conv_ops()}
-    names = cfg.layers or tuple(convs)
-    unknown = [n for n in names if n not in convs]
-    if unknown:
-        raise HwqError(f"--layers names unknown layers {unknown}; the program has {list(convs)}")
-    return SearchSpace.from_weights(
-        {n: convs[n].weight for n in names},
-        {n: convs[n].weight_bits for n in names},
-        cfg.radius,
-        {n: positions[n] for n in names},
-        max_radius=cfg.max_radius if cfg.eda.widen_after else cfg.radius,
-    )
 
 
 def batch_schedule(cfg: TrainConfig, train_images: int) -> BatchSchedule:
