@@ -109,8 +109,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     from .train import train
 
     summary = train(cfg, resume=args.resume)
+    plural = {"weight": "weights", "bias": "biases", "mult": "multipliers"}
     changed = ", ".join(
-        f"{summary['params_changed'][f]} of {n} {f}s" for f, n in summary["params_searched"].items()
+        f"{summary['params_changed'][f]} of {n} {plural[f]}" for f, n in summary["params_searched"].items()
     )
     start = "round-to-nearest" if cfg.init_ir is None else "--init-ir"
     print(
