@@ -47,6 +47,7 @@ class ParamBlock:
     radius: int
     max_radius: int
     step: np.ndarray | None = None  # per parameter, >= 1; None: 1
+    prior_sigma: float | None = None  # width in levels of the initial distributions; None: --init-sigma
 
     @property
     def steps(self) -> np.ndarray:
@@ -132,6 +133,11 @@ class SearchSpace:
     def step(self) -> np.ndarray:
         """Every parameter's value step between adjacent levels."""
         return np.concatenate([b.steps for b in self.blocks])
+
+    def prior_sigma(self, default: float) -> np.ndarray:
+        """Every parameter's initial width in levels: its block's, or `default`."""
+        widths = [default if b.prior_sigma is None else b.prior_sigma for b in self.blocks]
+        return np.repeat(widths, [b.size for b in self.blocks])
 
     @cached_property
     def radius(self) -> np.ndarray:
@@ -251,15 +257,16 @@ class EDAConfig:
 
 
 def initial_probabilities(space: SearchSpace, sigma: float) -> np.ndarray:
-    """A Gaussian of width `sigma` (in levels) around each parameter's real position, over
-    the levels within its starting radius.
+    """A Gaussian of width `sigma` (in levels; a block may set its own) around each
+    parameter's real position, over the levels within its starting radius.
 
     The round-to-nearest level is always the most likely, and the confidence (the largest
     probability) measures how unambiguous the rounding was: a weight that sat halfway
     between two levels starts near 50/50 and is among the first the search examines.
     """
     centre = (space.position - space.base) / space.step  # in levels
-    logits = -((space.level_offsets[None, :] - centre[:, None]) ** 2) / (2 * sigma**2)
+    width = space.prior_sigma(sigma)[:, None]
+    logits = -((space.level_offsets[None, :] - centre[:, None]) ** 2) / (2 * width**2)
     logits = np.where(space.valid(), logits, -np.inf)
     probs = np.exp(logits - logits.max(axis=1, keepdims=True))
     return probs / probs.sum(axis=1, keepdims=True)

@@ -6,12 +6,20 @@ integer **bias** (in accumulator LSBs; it starts the accumulator, docs/datapath.
 its requantization **multiplier** (the per-channel gain) can be searched, each in steps
 sized to what they change:
 
-- a bias step is half an output LSB of its channel, `2**shift / (2 * |mult|)` accumulator
-  LSBs (at least one), so BIAS_RADIUS levels each side move the channel's output by up to
-  one LSB;
-- a multiplier step is 1/MULT_STEP_DIVISOR of its value (at least one), so MULT_RADIUS
-  levels each side change the channel's gain by up to about 3 %; a multiplier keeps its
-  sign (it never reaches zero).
+- a bias step is one output LSB of its channel, `2**shift / |mult|` accumulator LSBs (at
+  least one);
+- a multiplier step is 1/MULT_STEP_DIVISOR of its value (at least one), about 3 % of the
+  channel's gain; a multiplier keeps its sign (it never reaches zero).
+
+Both start with BIAS_RADIUS = MULT_RADIUS = 1 step each side, like the weights, and widen
+with `--widen-after` as the weights do.
+
+Nothing says which way a bias or a gain should move, so their initial distributions are
+flat (PRIOR_SIGMA): the least confident parameters of the space (a flat three-level
+distribution is less sure than any weight's prior, even a weight halfway between two
+levels), they are the first the cooperative coevolution visits, and cheap to score (few
+per layer, evaluated from their layer on). With the weights' prior (0.4 levels) they would
+look surer than every ambiguous weight and wait behind all of them.
 
 The ranges stay inside the IR's limits: |bias| and |mult| are bounded by the validator
 (MAX_OFFSET, `mult_bits`), and the requantization bound grows with |mult|. Every check of
@@ -23,6 +31,7 @@ lies farther from zero passes the validator if and only if every candidate does;
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -34,9 +43,10 @@ from .cceda import ParamBlock, SearchSpace, weight_block
 
 # --search names, as the user writes them, and the IR field each one searches.
 SEARCHABLE = {"weights": WEIGHT, "bias": BIAS, "mult": MULT}
-BIAS_RADIUS = 2
-MULT_RADIUS = 2
-MULT_STEP_DIVISOR = 64
+BIAS_RADIUS = 1
+MULT_RADIUS = 1
+MULT_STEP_DIVISOR = 32
+PRIOR_SIGMA = math.inf  # flat
 
 
 def parse_search(text: str) -> tuple[str, ...]:
@@ -48,19 +58,32 @@ def parse_search(text: str) -> tuple[str, ...]:
     return tuple(n for n in SEARCHABLE if n in names)
 
 
+def stepped_block(
+    op: str,
+    field: str,
+    base: np.ndarray,
+    lo: np.ndarray,
+    hi: np.ndarray,
+    step: np.ndarray,
+    radius: int,
+    max_radius: int,
+) -> ParamBlock:
+    """A per-channel block whose levels are `step` apart, centred on `base`, with a flat prior."""
+    position = base.astype(np.float64)
+    return ParamBlock(op, field, base.shape, base, lo, hi, position, radius, max_radius, step, PRIOR_SIGMA)
+
+
 def bias_block(op: Conv2d, max_radius: int) -> ParamBlock:
-    """The conv's integer biases, in steps of half an output LSB of each channel."""
+    """The conv's integer biases, in steps of one output LSB of each channel."""
     base = op.bias.astype(np.int64)
     mult = np.abs(op.requant.mult.astype(np.int64))
     out_lsb = np.where(mult > 0, (1 << op.requant.shift.astype(np.int64)) // np.maximum(mult, 1), 1)
-    step = np.maximum(out_lsb // 2, 1)
+    step = np.maximum(out_lsb, 1)
     reach = step * max_radius
     limit = MAX_OFFSET - 1
     lo = np.where(mult > 0, np.maximum(base - reach, -limit), base)  # a dead channel stays as it is
     hi = np.where(mult > 0, np.minimum(base + reach, limit), base)
-    return ParamBlock(
-        op.name, BIAS, base.shape, base, lo, hi, base.astype(np.float64), BIAS_RADIUS, max_radius, step
-    )
+    return stepped_block(op.name, BIAS, base, lo, hi, step, BIAS_RADIUS, max_radius)
 
 
 def mult_block(op: Conv2d, mult_bits: int, max_radius: int) -> ParamBlock:
@@ -76,9 +99,7 @@ def mult_block(op: Conv2d, mult_bits: int, max_radius: int) -> ParamBlock:
     sign = np.sign(base)
     lo = np.where(sign > 0, low, np.where(sign < 0, -high, 0))
     hi = np.where(sign > 0, high, np.where(sign < 0, -low, 0))
-    return ParamBlock(
-        op.name, MULT, base.shape, base, lo, hi, base.astype(np.float64), MULT_RADIUS, max_radius, step
-    )
+    return stepped_block(op.name, MULT, base, lo, hi, step, MULT_RADIUS, max_radius)
 
 
 def program_space(
