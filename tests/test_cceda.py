@@ -117,6 +117,24 @@ def test_tell_keeps_the_best_unless_beaten_and_updates_only_the_group():
     np.testing.assert_array_equal(search.best[search.group], samples[1])
 
 
+def test_a_winner_the_confirmation_rejects_leaves_the_best_but_still_teaches_the_distribution():
+    search = CCEDA(space(), EDAConfig(population=4, selected=2, group_size=10), seed=3)
+    search.best_fitness = 100
+    before = search.probs.copy()
+    search.ask()
+    asked = []
+    assert not search.tell(np.array([10, 150, 99, 100]), lambda i: asked.append(i) or False)
+    assert asked == [1] and search.best_fitness == 100 and np.all(search.best == 1)
+    assert not np.array_equal(search.probs[search.group], before[search.group])
+    search.ask()
+    assert not search.tell(np.array([10, 50, 99, 100]), lambda i: asked.append(i) or True)
+    assert asked == [1], "a winner that does not beat the best is not sent to be confirmed"
+    samples = search.ask()
+    assert search.tell(np.array([10, 50, 199, 100]), lambda i: True)
+    assert search.best_fitness == 199
+    np.testing.assert_array_equal(search.best[search.group], samples[2])
+
+
 def test_state_round_trip_continues_identically():
     a = CCEDA(space(), EDAConfig(population=4, selected=2, group_size=8), seed=5)
     a.best_fitness = 0

@@ -515,7 +515,16 @@ def test_budget_minutes_stops_on_time_and_is_complete(workspace):
 def all_features(workspace, out: str, budget: int) -> TrainConfig:
     """Every evaluation-spending and stopping feature on, tuned so that each one acts in a
     tiny run: the batch grows, weights widen, and patience may stop it."""
-    cfg = config(workspace, out, budget, grow_batch=True, grow_window=1, grow_below=1.0, patience_evals=36)
+    cfg = config(
+        workspace,
+        out,
+        budget,
+        grow_batch=True,
+        grow_window=1,
+        grow_below=1.0,
+        patience_evals=36,
+        confirm_images=16,
+    )
     eda = EDAConfig(population=4, selected=2, group_size=64, widen_after=1, widen_below=0.99)
     return TrainConfig(**{**cfg.__dict__, "eda": eda, "max_fitness_images": 64, "eval_every": 1})
 
@@ -534,6 +543,13 @@ def test_every_feature_acts_in_the_tiny_run(featured):
     assert all("fresh_gain" in d for d in draws if d["fitness_images"] < 64) and draws
     assert summary["weights_widened"] > 0
     assert summary["stopped"] in ("budget", "patience") and summary["complete"]
+    confirmation = summary["confirmation"]
+    assert confirmation["tested"] > confirmation["held"] > 0, "some winners fail on fresh images"
+    assert confirmation["held"] == sum(d.get("improved", False) for d in log)
+    assert confirmation["evaluations"] == confirmation["tested"]
+    measured = sum("fresh_gain" in d for d in log)  # at most one evaluation each, for the schedule
+    searched = summary["evaluations"] - confirmation["tested"] - 4 * summary["generations"]
+    assert 0 <= searched <= measured, "the confirmation's evaluations count in the budget"
 
 
 def test_interrupted_run_with_every_feature_resumes_exactly(workspace, featured, monkeypatch):
@@ -615,7 +631,9 @@ def test_cli_flags_of_the_evaluation_spending_and_stopping_features(tmp_path):
     from hwq.search.cli import train_config
 
     flags = "--grow-batch --grow-window 3 --grow-below 0.4 --max-fitness-images 1024 --widen-after 2"
-    flags += " --widen-below 0.8 --max-radius 3 --patience-evals 5000 --group-scope global"
+    flags += (
+        " --widen-below 0.8 --max-radius 3 --patience-evals 5000 --group-scope global --confirm-images 512"
+    )
     args = build_parser().parse_args(
         ["train", "--checkpoint", "c.th", "--wbits", "4", "--abits", "8", "--budget-evals", "10"]
         + ["--out", str(tmp_path / "run"), *flags.split()]
@@ -623,7 +641,9 @@ def test_cli_flags_of_the_evaluation_spending_and_stopping_features(tmp_path):
     cfg = train_config(args)
     assert (cfg.grow_batch, cfg.grow_window, cfg.grow_below, cfg.max_fitness_images) == (True, 3, 0.4, 1024)
     assert (cfg.eda.widen_after, cfg.eda.widen_below, cfg.max_radius) == (2, 0.8, 3)
-    assert cfg.patience_evals == 5000 and cfg.eda.group_scope == "global"
+    assert cfg.patience_evals == 5000 and cfg.eda.group_scope == "global" and cfg.confirm_images == 512
+    with pytest.raises(HwqError, match="--confirm-images needs --target accel_sim"):
+        TrainConfig(**{**cfg.__dict__, "target": "brevitas"}).validate()
     assert "patience_evals" not in cfg.defining(), "patience is a budget: it may change on --resume"
     with pytest.raises(HwqError, match="widen-after needs a --max-radius above"):
         TrainConfig(**{**cfg.__dict__, "max_radius": 1}).validate()

@@ -15,6 +15,7 @@ nothing of networks or simulators; `hwq.search.evaluator` scores what it propose
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import cached_property
 
@@ -443,11 +444,12 @@ class CCEDA:
             out[block.key] = self.space.values(cats, np.arange(lo, hi)).reshape(len(samples), *block.shape)
         return out
 
-    def tell(self, fitness: np.ndarray) -> bool:
+    def tell(self, fitness: np.ndarray, holds: Callable[[int], bool] | None = None) -> bool:
         """Update the group's distributions from the scored candidates; True if the best improved.
 
         The incumbent best joins the ranking with its known fitness (elitism), so the
-        distribution is pulled toward it unless candidates beat it.
+        distribution is pulled toward it unless candidates beat it. The winner replaces the
+        best only if it beats it and, when `holds` is given, `holds(winner)` confirms it.
         """
         if self.pending is None or self.best_fitness is None:
             raise RuntimeError("tell() needs a prior ask() and a scored best solution")
@@ -465,7 +467,7 @@ class CCEDA:
         self.group_generation += 1
         self.generation += 1
         winner = int(np.argmax(fitness))
-        if fitness[winner] > self.best_fitness:
+        if fitness[winner] > self.best_fitness and (holds is None or holds(winner)):
             self.best[self.group] = samples[winner]
             self.best_fitness = int(fitness[winner])
             return True

@@ -239,6 +239,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=positive_int,
         help="the largest grown batch (default: the whole training split)",
     )
+    f.add_argument(
+        "--confirm-images",
+        type=nonnegative_int,
+        help="a winner replaces the best only if it also wins on this many fresh images (default 0: off)",
+    )
     r = p.add_argument_group("run")
     r.add_argument(
         "--eval-every", type=positive_int, help="generations between held-out evaluations (default 25)"

@@ -39,6 +39,7 @@ from ..quant.model import QuantConfig, file_sha256
 from ..results import write_json
 from . import FITNESS_MODES, rundir
 from .cceda import CCEDA, EDAConfig
+from .confirm import Confirmation
 from .distributed import require_ray, validate_settings
 from .evaluator import (
     BrevitasEvaluator,
@@ -83,6 +84,7 @@ RUN_DEFINING = (
     "grow_window",
     "grow_below",
     "max_fitness_images",
+    "confirm_images",
     "val_fraction",
     "split_seed",
     "calibration_images",
@@ -124,6 +126,7 @@ class TrainConfig:
     grow_window: int = 4
     grow_below: float = 0.5
     max_fitness_images: int | None = None  # None: the whole training split
+    confirm_images: int = 0  # a winner must also win on this many fresh images (0: off)
     patience_evals: int | None = None
     eval_every: int = 25
     checkpoint_every: int = 10
@@ -179,6 +182,10 @@ class TrainConfig:
             raise HwqError("--target brevitas searches weights only; --search bias or mult needs accel_sim")
         if self.patience_evals is not None and self.patience_evals < 1:
             raise HwqError("--patience-evals must be at least 1")
+        if self.confirm_images < 0:
+            raise HwqError("--confirm-images must be non-negative")
+        if self.confirm_images and self.target == "brevitas":
+            raise HwqError("--confirm-images needs --target accel_sim")
         if self.eda.widen_after and self.max_radius <= self.radius:
             raise HwqError(f"--widen-after needs a --max-radius above --radius {self.radius}")
 
@@ -225,9 +232,10 @@ class _Run:
         self.val = load_split(cfg.data, "val", cfg.val_fraction, cfg.split_seed)
         self.identify(saved)
         self.saved_state = self.read_saved_state() if saved else None
-        if cfg.fitness_images > len(self.train):
+        if cfg.fitness_images + cfg.confirm_images > len(self.train):
             raise HwqError(
-                f"--fitness-images {cfg.fitness_images} exceeds the {len(self.train)} training images"
+                f"--fitness-images {cfg.fitness_images} and --confirm-images {cfg.confirm_images} "
+                f"exceed the {len(self.train)} training images"
             )
         prepared = prepare(
             cfg.checkpoint,
@@ -240,11 +248,13 @@ class _Run:
             cfg.mult_bits,
         )
         self.float_model = prepared.float_model
-        if cfg.max_fitness_images is not None and cfg.max_fitness_images > len(self.train):
+        fitness_pool = len(self.train) - cfg.confirm_images
+        if cfg.max_fitness_images is not None and cfg.max_fitness_images > fitness_pool:
             raise HwqError(
-                f"--max-fitness-images {cfg.max_fitness_images} exceeds the {len(self.train)} training images"
+                f"--max-fitness-images {cfg.max_fitness_images} exceeds the {fitness_pool} training images "
+                f"left beside --confirm-images"
             )
-        self.schedule = batch_schedule(cfg, len(self.train))
+        self.schedule = batch_schedule(cfg, fitness_pool)
         self.period_start = np.empty(0, dtype=np.int64)  # the best solution at the last batch draw
         self.period_fitness = 0  # and its fitness on that batch
         self.val_reference = np.empty((0, 0))
@@ -264,12 +274,13 @@ class _Run:
         )
         self.search = CCEDA(self.space, cfg.eda, cfg.seed)
         self.fitness = IntegerFitness(cfg.fitness, logit_lsbs(self.initial, cfg.margin_clip))
+        make = functools.partial(SimEvaluator, self.initial, self.fitness, cfg.device, cfg.compile)
         self.evaluator: Evaluator
         if cfg.target == "brevitas":
             self.evaluator = BrevitasEvaluator(prepared.qmodel, self.initial, self.fitness)
         else:
-            make = functools.partial(SimEvaluator, self.initial, self.fitness, cfg.device, cfg.compile)
             self.evaluator = make() if cfg.workers is None else self.ray_evaluator(make)
+        self.confirmation = Confirmation(make()) if cfg.confirm_images else None
         self.batch_rng = np.random.default_rng([cfg.seed, 1])
         self.batch = np.empty(0, dtype=np.int64)
         self.targets = Targets(torch.empty(0, dtype=torch.int64))
@@ -319,12 +330,34 @@ class _Run:
         started it)."""
         self.evaluator.close()
 
+    @property
+    def evaluations(self) -> int:
+        """Fitness evaluations of both batches: what budgets and patience count."""
+        return self.evaluator.evaluations + (
+            self.confirmation.evaluator.evaluations if self.confirmation else 0
+        )
+
+    @property
+    def macs(self) -> int:
+        return self.evaluator.macs + (self.confirmation.evaluator.macs if self.confirmation else 0)
+
     # ----- state -------------------------------------------------------------------------
 
     def new_batch(self) -> None:
-        self.batch = np.sort(self.batch_rng.choice(len(self.train), self.schedule.size, replace=False))
+        """Draw the fitness batch and, with --confirm-images, a disjoint confirmation batch."""
+        confirm = self.cfg.confirm_images
+        drawn = self.batch_rng.choice(len(self.train), self.schedule.size + confirm, replace=False)
+        self.batch = np.sort(drawn[: self.schedule.size])
         self.set_batch()
         self.search.best_fitness = self.evaluator.set_solution(self.best_params())
+        if self.confirmation is not None:
+            self.set_confirmation_batch(np.sort(drawn[self.schedule.size :]))
+
+    def set_confirmation_batch(self, batch: np.ndarray, teacher: torch.Tensor | None = None) -> None:
+        assert self.confirmation is not None
+        self.confirmation.set_batch(
+            batch, self.train.images[batch], self.targets_of(batch, teacher), self.best_params()
+        )
 
     def next_batch(self) -> dict:
         """Draw the next fitness batch (grown, if the schedule says so). While the batch may
@@ -356,16 +389,19 @@ class _Run:
         return int(self.evaluator.evaluate(differ)[0])
 
     def set_batch(self, teacher: torch.Tensor | None = None) -> None:
-        """Hand the evaluator the drawn images with their labels and, for `distill`, the
-        float network's integer logits: computed here for a new batch, restored from the
-        state on resume (float convolutions may round differently on another machine or
-        thread count, and the resumed run must go on exactly)."""
-        images = self.train.images[self.batch]
+        """Hand the evaluator the drawn images with their targets."""
+        self.targets = self.targets_of(self.batch, teacher)
+        self.evaluator.set_batch(self.train.images[self.batch], self.targets)
+
+    def targets_of(self, batch: np.ndarray, teacher: torch.Tensor | None) -> Targets:
+        """The labels of training images and, for `distill`, the float network's integer
+        logits: computed here for a new batch, restored from the state on resume (float
+        convolutions may round differently on another machine or thread count, and the
+        resumed run must go on exactly)."""
         if teacher is None and self.fitness.needs_teacher:
             scale = self.initial.tensors[self.initial.output].scale
-            teacher = integer_logits(self.float_model, images, scale)
-        self.targets = Targets(self.train.labels[self.batch], teacher)
-        self.evaluator.set_batch(images, self.targets)
+            teacher = integer_logits(self.float_model, self.train.images[batch], scale)
+        return Targets(self.train.labels[batch], teacher)
 
     def best_params(self) -> dict[ParamKey, np.ndarray]:
         return self.space.unflatten(self.search.best_values())
@@ -389,6 +425,7 @@ class _Run:
             "period_start": self.period_start,
             "period_fitness": self.period_fitness,
             "val_reference": self.val_reference,
+            "confirmation": None if self.confirmation is None else self.confirmation.state_dict(),
         }
         write_state(self.dir / STATE_FILE, state, self.identity)
 
@@ -407,13 +444,25 @@ class _Run:
             self.period_start = np.asarray(state["period_start"], dtype=np.int64)
             self.period_fitness = int(state["period_fitness"])
             self.val_reference = np.asarray(state["val_reference"], dtype=np.float64)
-            teacher = None if state["teacher"] is None else torch.from_numpy(state["teacher"])
-            self.set_batch(teacher)
+            self.set_batch(saved_teacher(state))
+            if self.confirmation is not None:
+                self.load_confirmation(state["confirmation"])
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise HwqError(f"{path} holds no state this hwq can resume ({type(exc).__name__})") from None
         if self.evaluator.set_solution(self.best_params()) != saved_fitness:
             raise HwqError(f"{path} does not reproduce its own best fitness")
         rundir.truncate_log(self.dir / LOG_FILE, self.search.generation)
+
+    def load_confirmation(self, state: dict) -> None:
+        assert self.confirmation is not None
+        self.set_confirmation_batch(np.asarray(state["batch"], dtype=np.int64), saved_teacher(state))
+        if self.confirmation.best_fitness != int(state["best_fitness"]):
+            raise HwqError(
+                f"{self.dir / STATE_FILE} does not reproduce its confirmation batch's best fitness"
+            )
+        self.confirmation.evaluator.evaluations = int(state["evaluations"])
+        self.confirmation.evaluator.macs = int(state["macs"])
+        self.confirmation.tested, self.confirmation.held = int(state["tested"]), int(state["held"])
 
     def write_config(self) -> None:
         """config.json: the run's settings with absolute paths, the digests of its checkpoint
@@ -433,14 +482,14 @@ class _Run:
 
     def budget_left(self) -> bool:
         if self.cfg.budget_evals is not None:
-            return self.evaluator.evaluations < self.cfg.budget_evals
+            return self.evaluations < self.cfg.budget_evals
         return self.elapsed < 60 * self.cfg.budget_minutes
 
     def out_of_patience(self) -> bool:
         """The held-out accuracy has not improved for --patience-evals evaluations."""
         if self.cfg.patience_evals is None or self.best_val is None:
             return False
-        return self.evaluator.evaluations - self.best_val["evaluations"] >= self.cfg.patience_evals
+        return self.evaluations - self.best_val["evaluations"] >= self.cfg.patience_evals
 
     def stop_reason(self) -> str:
         if self.stopped_by:
@@ -455,9 +504,12 @@ class _Run:
         samples = self.search.ask()
         candidates = self.search.candidate_values(samples)
         fitness = self.evaluator.evaluate(candidates)
-        improved = self.search.tell(fitness)
+        improved = self.search.tell(fitness, self.confirmed(candidates))
         if improved:
-            self.evaluator.set_solution({n: self.best_params()[n] for n in candidates})
+            changed = {n: self.best_params()[n] for n in candidates}
+            self.evaluator.set_solution(changed)
+            if self.confirmation is not None:
+                self.confirmation.accept(changed)
         return {
             "generation": self.search.generation,
             "layers": sorted({name for name, _ in candidates}),
@@ -468,6 +520,13 @@ class _Run:
             "population_mean": float(fitness.mean()),
             "improved": improved,
         }
+
+    def confirmed(self, candidates: dict[ParamKey, np.ndarray]) -> Callable[[int], bool] | None:
+        """With --confirm-images: whether candidate i also wins on the confirmation batch."""
+        if self.confirmation is None:
+            return None
+        confirmation = self.confirmation
+        return lambda i: confirmation.holds({n: v[i : i + 1] for n, v in candidates.items()})
 
     def run(self) -> dict:
         if self.saved_state is not None:
@@ -490,7 +549,7 @@ class _Run:
         if self.stopped_by:
             raise KeyboardInterrupt(
                 f"run incomplete: stopped by {self.stopped_by} at generation {self.search.generation} "
-                f"({self.evaluator.evaluations} evaluations), state saved; continue it with: "
+                f"({self.evaluations} evaluations), state saved; continue it with: "
                 f"hwq train --out {shlex.quote(str(self.dir.absolute()))} --resume"
             )
         return summary
@@ -503,7 +562,7 @@ class _Run:
 
     def loop(self) -> None:
         total = self.cfg.budget_evals or int(60 * self.cfg.budget_minutes)
-        done = lambda: self.evaluator.evaluations if self.cfg.budget_evals else int(self.elapsed)  # noqa: E731
+        done = lambda: self.evaluations if self.cfg.budget_evals else int(self.elapsed)  # noqa: E731
         bar = tqdm(
             total=total,
             initial=done(),
@@ -535,10 +594,10 @@ class _Run:
 
     def record(self, entry: dict, evaluate: bool) -> None:
         entry.update(
-            evaluations=self.evaluator.evaluations,
-            macs=self.evaluator.macs,
+            evaluations=self.evaluations,
+            macs=self.macs,
             elapsed_s=round(self.elapsed, 3),
-            evals_per_s=round(self.evaluator.evaluations / self.elapsed, 2) if self.elapsed else None,
+            evals_per_s=round(self.evaluations / self.elapsed, 2) if self.elapsed else None,
         )
         if evaluate:
             entry.update(held_out_figures(self.best_program(), self.val, self.val_reference))
@@ -565,7 +624,7 @@ class _Run:
             "target": self.cfg.target,
             "seed": self.cfg.seed,
             "generations": self.search.generation,
-            "evaluations": self.evaluator.evaluations,
+            "evaluations": self.evaluations,
         }
         program = self.best_program()
         return dataclasses.replace(program, meta={**program.meta, "training": training})
@@ -582,6 +641,18 @@ class _Run:
             searched[block.field] = searched.get(block.field, 0) + block.size
         return changed, searched
 
+    def confirmation_summary(self) -> dict | None:
+        """How many winners were tested on the confirmation batch and how many held."""
+        if self.confirmation is None:
+            return None
+        c = self.confirmation
+        return {
+            "images": self.cfg.confirm_images,
+            "tested": c.tested,
+            "held": c.held,
+            "evaluations": c.evaluator.evaluations,
+        }
+
     def finish(self) -> dict:
         final = self.trained_program()
         save_program(final, self.dir / "final.ir")
@@ -592,14 +663,15 @@ class _Run:
             **{f"final_{name}": value for name, value in figures.items()},
             "val_images": len(self.val),
             "generations": self.search.generation,
-            "evaluations": self.evaluator.evaluations,
+            "evaluations": self.evaluations,
             "elapsed_s": round(self.elapsed, 1),
-            "evals_per_s": round(self.evaluator.evaluations / max(self.elapsed, 1e-9), 2),
-            "macs_per_eval": self.evaluator.macs // max(self.evaluator.evaluations, 1),
+            "evals_per_s": round(self.evaluations / max(self.elapsed, 1e-9), 2),
+            "macs_per_eval": self.macs // max(self.evaluations, 1),
             "weights_changed": changed.get(WEIGHT, 0),
             "weights_searched": searched.get(WEIGHT, 0),
             "params_changed": changed,
             "params_searched": searched,
+            "confirmation": self.confirmation_summary(),
             "weights_widened": int((self.search.radius > self.space.radius).sum()),
             "final_ir": str(self.dir / "final.ir"),
             "final_ir_sha256": file_sha256(self.dir / "final.ir"),  # of the bytes written: sha256sum agrees
@@ -653,6 +725,10 @@ def batch_schedule(cfg: TrainConfig, train_images: int) -> BatchSchedule:
         return BatchSchedule(cfg.fitness_images, cfg.fitness_images)
     cap = cfg.max_fitness_images or train_images
     return BatchSchedule(cfg.fitness_images, cap, cfg.grow_window, cfg.grow_below)
+
+
+def saved_teacher(state: dict) -> torch.Tensor | None:
+    return None if state["teacher"] is None else torch.from_numpy(state["teacher"])
 
 
 def logit_lsbs(program: Program, real: float) -> int:
