@@ -676,7 +676,7 @@ def edited_program(workspace, name: str, requant: bool) -> tuple[str, object]:
 
 def test_init_ir_of_the_round_to_nearest_program_is_the_plain_run(workspace, uninterrupted):
     init = str(workspace[0] / "full" / "initial.ir")
-    summary = train(config(workspace, "from_rtn", 40, init_ir=init))
+    summary = train(config(workspace, "from_rtn", 40, init_ir=init, confirm_images=0))
     assert summary["start"] == {
         "init_ir": init,
         "init_ir_sha256": program_digest(load_program(init)),
@@ -705,6 +705,8 @@ def test_a_run_from_an_init_ir_with_its_own_scales_resumes_exactly(workspace, un
     start = load_program(workspace[0] / "init_full" / "initial.ir")
     assert np.array_equal(start.op("fc").requant.mult, program.op("fc").requant.mult)  # the program's own
     assert full["start"]["positions"] == "levels"
+    left = len(load_split(workspace[1], "train")) - 16  # beside the 16-image fitness batch
+    assert full["confirmation"]["images"] == left, "on by default from an --init-ir, within the split"
     reference = (full, final_weights(workspace, "init_full"), log_lines(workspace, "init_full"))
     train(config(workspace, "init_split", 12, init_ir=init))
     train(config(workspace, "init_split", 24, init_ir=init), resume=True)

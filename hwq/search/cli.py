@@ -242,7 +242,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.add_argument(
         "--confirm-images",
         type=nonnegative_int,
-        help="a winner replaces the best only if it also wins on this many fresh images (default 0: off)",
+        help="a winner replaces the best only if it also wins on this many fresh images "
+        "(default: 1024 with --init-ir, else 0: off)",
     )
     r = p.add_argument_group("run")
     r.add_argument(

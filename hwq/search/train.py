@@ -57,6 +57,7 @@ from .start import POSITIONS_FROM_CHECKPOINT, init_digest, start_from
 from .state import check_identity, read_state, write_state
 
 TARGETS = ("accel_sim", "brevitas")
+DEFAULT_CONFIRM_IMAGES = 1024
 HELD_OUT = ("val_accuracy", "val_agreement", "val_logit_l1")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 AT_LEAST_ONE = ("fitness_images", "new_batch_every", "eval_every", "checkpoint_every", "calibration_images")
@@ -126,7 +127,8 @@ class TrainConfig:
     grow_window: int = 4
     grow_below: float = 0.5
     max_fitness_images: int | None = None  # None: the whole training split
-    confirm_images: int = 0  # a winner must also win on this many fresh images (0: off)
+    confirm_images: int | None = None  # a winner must also win on this many fresh images (0: off;
+    # None: DEFAULT_CONFIRM_IMAGES from an --init-ir, off from round-to-nearest)
     patience_evals: int | None = None
     eval_every: int = 25
     checkpoint_every: int = 10
@@ -182,7 +184,7 @@ class TrainConfig:
             raise HwqError("--target brevitas searches weights only; --search bias or mult needs accel_sim")
         if self.patience_evals is not None and self.patience_evals < 1:
             raise HwqError("--patience-evals must be at least 1")
-        if self.confirm_images < 0:
+        if self.confirm_images is not None and self.confirm_images < 0:
             raise HwqError("--confirm-images must be non-negative")
         if self.confirm_images and self.target == "brevitas":
             raise HwqError("--confirm-images needs --target accel_sim")
@@ -206,6 +208,7 @@ class TrainConfig:
                 values["layers"] = tuple(values["layers"])
             if "search" in values:
                 values["search"] = tuple(values["search"])
+            values.setdefault("confirm_images", 0)  # a run saved before --confirm-images existed
             return cls(**values)
         except TypeError as exc:
             raise HwqError(f"not the configuration of an hwq train run ({exc})") from None
@@ -230,6 +233,7 @@ class _Run:
         saved = self.check_run_dir(resume)
         self.train = load_split(cfg.data, "train", cfg.val_fraction, cfg.split_seed)
         self.val = load_split(cfg.data, "val", cfg.val_fraction, cfg.split_seed)
+        self.cfg = cfg = with_confirmation_default(self.cfg, len(self.train))
         self.identify(saved)
         self.saved_state = self.read_saved_state() if saved else None
         if cfg.fitness_images + cfg.confirm_images > len(self.train):
@@ -295,6 +299,8 @@ class _Run:
             rundir.check_new_run_dir(self.dir)
             return None
         saved = rundir.read_run_config(self.dir)
+        if self.cfg.confirm_images is None:  # not given: the run's own
+            self.cfg = dataclasses.replace(self.cfg, confirm_images=saved.get("confirm_images", 0))
         rundir.check_same_settings(saved, self.cfg.defining())
         rundir.check_inputs_exist(self.cfg.to_json())
         return saved
@@ -694,6 +700,18 @@ def with_init_digest(cfg: TrainConfig) -> TrainConfig:
             f"--init-ir {cfg.init_ir} changed since the run started (its sha256 was {cfg.init_ir_sha256})"
         )
     return dataclasses.replace(cfg, init_ir_sha256=digest)
+
+
+def with_confirmation_default(cfg: TrainConfig, train_images: int) -> TrainConfig:
+    """--confirm-images when not given: on for a run that fine-tunes an --init-ir (up to
+    DEFAULT_CONFIRM_IMAGES, what the training split leaves beside the fitness batch), where
+    most of a batch's winners do not hold on fresh images; off from round-to-nearest, where
+    most do and the test only costs time (docs/training.md, Measured)."""
+    if cfg.confirm_images is not None:
+        return cfg
+    fine_tuning = cfg.init_ir is not None and cfg.target == "accel_sim"
+    images = min(DEFAULT_CONFIRM_IMAGES, train_images - cfg.fitness_images) if fine_tuning else 0
+    return dataclasses.replace(cfg, confirm_images=max(images, 0))
 
 
 def starting_point(
