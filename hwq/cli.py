@@ -18,10 +18,11 @@ from accel_sim.ir import IRError
 from . import HwqError, __version__
 from . import __doc__ as hwq_doc
 
-# In pipeline order: quantize and lower, search, baselines, studies, hardware model, RTL, export.
+# In pipeline order: quantize and lower, search, co-design, baselines, studies, hardware model, RTL, export.
 COMMAND_MODULES = (
     "hwq.quant.cli",
     "hwq.search.cli",
+    "hwq.codesign.cli",
     "hwq.baselines.cli",
     "hwq.studies.cli",
     "accel_sim.cli",

@@ -32,6 +32,33 @@ TOPS = {
     "mac_array": ("ROWS", "COLS", "WEIGHT_BITS", "ACT_BITS", "ACT_SIGNED", "ACC_BITS", "SATURATE"),
     "mac_tile": tuple(ArrayConfig().parameters()),
 }
+# Yosys' generic gates as 45 nm standard cells: the X1 cell areas of the NanGate FreePDK45
+# Open Cell Library (um^2). ANDNOT/ORNOT map to a 2-input gate with an inverted input, the
+# flip-flops with synchronous reset/enable to a DFF plus its reset AND and enable MUX.
+# An estimate for comparing designs against each other, not a placed-and-routed area.
+CELL_AREA_UM2 = {
+    "$_NOT_": 0.532,
+    "$_BUF_": 0.798,
+    "$_NAND_": 0.798,
+    "$_NOR_": 0.798,
+    "$_AND_": 1.064,
+    "$_OR_": 1.064,
+    "$_ANDNOT_": 1.064,
+    "$_ORNOT_": 1.064,
+    "$_XOR_": 1.596,
+    "$_XNOR_": 1.596,
+    "$_MUX_": 1.862,
+    "$_AOI3_": 1.064,
+    "$_OAI3_": 1.064,
+    "$_AOI4_": 1.330,
+    "$_OAI4_": 1.330,
+    "$_DFF_P_": 4.522,
+    "$_SDFF_PP0_": 5.586,
+    "$_SDFF_PP1_": 5.586,
+    "$_DFFE_PP_": 6.384,
+    "$_SDFFE_PP0P_": 7.448,
+    "$_SDFFE_PP1P_": 7.448,
+}
 DEFAULT_WEIGHT_BITS = "2-8"
 DEFAULT_ACT_BITS = "4-8"
 DEFAULT_ACC_BITS = "16,24,32"
@@ -66,6 +93,15 @@ def count(cells: dict[str, int], *needles: str) -> int:
     return sum(n for cell, n in cells.items() if any(needle in cell for needle in needles))
 
 
+def cell_area_um2(cells: dict[str, int]) -> float:
+    """The 45 nm area of a generic-synthesis netlist (CELL_AREA_UM2); a cell type without
+    an entry is an error rather than a silent zero."""
+    unknown = sorted(set(cells) - set(CELL_AREA_UM2))
+    if unknown:
+        raise HwqError(f"no 45 nm area for Yosys cell {unknown[0]} (rtl_models.area.CELL_AREA_UM2)")
+    return sum(CELL_AREA_UM2[cell] * n for cell, n in cells.items())
+
+
 def synthesize(config: ArrayConfig, top: str, flavour: str) -> dict:
     """One Yosys run; the design's cell counts as a CSV row."""
     with tempfile.TemporaryDirectory(prefix="hwq-area-") as tmp:
@@ -96,6 +132,7 @@ def synthesize(config: ArrayConfig, top: str, flavour: str) -> dict:
         "flip_flops": count(cells, "DFF"),
         "luts": count(cells, "LUT") if fpga else None,
         "carries": count(cells, "CARRY") if fpga else None,
+        "area_um2": None if fpga else round(cell_area_um2(cells), 3),
         "seconds": round(seconds, 1),
     }
 

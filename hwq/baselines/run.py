@@ -51,6 +51,7 @@ class BaselineConfig:
     per_channel: bool = False
     first_wbits: int | None = None
     last_wbits: int | None = None
+    layer_wbits: tuple[int, ...] | None = None  # every weight layer's width (hwq codesign)
     accumulator_bits: int = 32
     overflow: str = "wrap"
     mult_bits: int = DEFAULT_MULT_BITS
@@ -67,7 +68,9 @@ class BaselineConfig:
     split_seed: int = DEFAULT_SPLIT_SEED
 
     def quant(self) -> QuantConfig:
-        return QuantConfig(self.wbits, self.abits, self.per_channel, self.first_wbits, self.last_wbits)
+        return QuantConfig(
+            self.wbits, self.abits, self.per_channel, self.first_wbits, self.last_wbits, self.layer_wbits
+        )
 
     def accumulator(self) -> Accumulator:
         return Accumulator(self.accumulator_bits, self.overflow)

@@ -240,6 +240,7 @@ class _Lowering:
                 "per_channel": self.cfg.per_channel,
                 "first_wbits": self.cfg.stem_wbits,
                 "last_wbits": self.cfg.head_wbits,
+                **({"layer_wbits": list(self.cfg.layer_wbits)} if self.cfg.layer_wbits else {}),
                 "input": "raw uint8 RGB; per-channel normalization folded into conv1",
                 "sources": self.sources,
                 "weight_sources": self.weight_sources,

@@ -48,13 +48,18 @@ def input_zero_points() -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """Bit widths of the quantized network; first/last layer weights default to `wbits`."""
+    """Bit widths of the quantized network; first/last layer weights default to `wbits`.
+
+    `layer_wbits`, when given, is every weight layer's width in network order (the stem
+    conv, each block's conv1 and conv2, the fc: the order of the IR's conv ops) and
+    overrides the three above, so a mixed-precision network is one config (hwq codesign)."""
 
     wbits: int
     abits: int
     per_channel: bool = False
     first_wbits: int | None = None
     last_wbits: int | None = None
+    layer_wbits: tuple[int, ...] | None = None
 
     @property
     def stem_wbits(self) -> int:
@@ -69,6 +74,19 @@ class QuantConfig:
             value = getattr(self, name)
             if value is not None and not MIN_BITS <= value <= MAX_BITS:
                 raise HwqError(f"--{name.replace('_', '-')} {value} is out of range [{MIN_BITS}, {MAX_BITS}]")
+        for i, value in enumerate(self.layer_wbits or ()):
+            if not MIN_BITS <= value <= MAX_BITS:
+                raise HwqError(
+                    f"weight bits {value} of weight layer {i} are out of range [{MIN_BITS}, {MAX_BITS}]"
+                )
+
+    def check_layers(self, weight_layers: int) -> None:
+        """`layer_wbits` must name every weight layer of the network, no more."""
+        if self.layer_wbits is not None and len(self.layer_wbits) != weight_layers:
+            raise HwqError(
+                f"{len(self.layer_wbits)} per-layer weight widths given for a network of "
+                f"{weight_layers} weight layers"
+            )
 
 
 class Normalize(nn.Module):
@@ -142,12 +160,22 @@ class QuantLayers:
             base = Int8WeightPerChannelFloat if cfg.per_channel else Int8WeightPerTensorFloat
             weight_quant = base.let(scaling_impl_type=ScalingImplType.PARAMETER_FROM_STATS)
         self.weight_quant = weight_quant
+        self.weight_layers = 0  # weight layers made so far: the index into cfg.layer_wbits
+
+    def next_weight_bits(self, default: int) -> int:
+        """The width of the next weight layer made (the network makes them in IR order)."""
+        index, self.weight_layers = self.weight_layers, self.weight_layers + 1
+        if self.cfg.layer_wbits is None:
+            return default
+        if index >= len(self.cfg.layer_wbits):
+            raise HwqError(f"{len(self.cfg.layer_wbits)} per-layer weight widths given for a deeper network")
+        return self.cfg.layer_wbits[index]
 
     def input_transform(self) -> nn.Module:
         return SubtractZeroPoint()
 
     def conv(self, cin: int, cout: int, stride: int, first: bool = False) -> nn.Module:
-        bits = self.cfg.stem_wbits if first else self.cfg.wbits
+        bits = self.next_weight_bits(self.cfg.stem_wbits if first else self.cfg.wbits)
         return qnn.QuantConv2d(
             cin,
             cout,
@@ -173,7 +201,7 @@ class QuantLayers:
             cout,
             bias=True,
             weight_quant=self.weight_quant,
-            weight_bit_width=self.cfg.head_wbits,
+            weight_bit_width=self.next_weight_bits(self.cfg.head_wbits),
             bias_quant=Int32Bias,
         )
 
@@ -328,6 +356,7 @@ def quantize_model(
     cfg.validate()
     layers = QuantLayers(cfg, weight_quant)
     qmodel = ResNetCifar(float_model.depth, float_model.linear.out_features, layers)
+    cfg.check_layers(layers.weight_layers)
     state = {k: v.clone() for k, v in float_model.state_dict().items()}
     std = torch.tensor(CIFAR_STD).view(1, 3, 1, 1) * 255
     state["conv1.weight"] = state["conv1.weight"] / std

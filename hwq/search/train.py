@@ -69,6 +69,7 @@ RUN_DEFINING = (
     "per_channel",
     "first_wbits",
     "last_wbits",
+    "layer_wbits",
     "target",
     "accumulator_bits",
     "overflow",
@@ -108,6 +109,7 @@ class TrainConfig:
     per_channel: bool = False
     first_wbits: int | None = None
     last_wbits: int | None = None
+    layer_wbits: tuple[int, ...] | None = None  # every weight layer's width (hwq codesign)
     target: str = "accel_sim"
     accumulator_bits: int = 32
     overflow: str = "wrap"
@@ -147,7 +149,9 @@ class TrainConfig:
     progress: bool = True
 
     def quant(self) -> QuantConfig:
-        return QuantConfig(self.wbits, self.abits, self.per_channel, self.first_wbits, self.last_wbits)
+        return QuantConfig(
+            self.wbits, self.abits, self.per_channel, self.first_wbits, self.last_wbits, self.layer_wbits
+        )
 
     def accumulator(self) -> Accumulator:
         return Accumulator(self.accumulator_bits, self.overflow)
@@ -208,6 +212,8 @@ class TrainConfig:
                 values["layers"] = tuple(values["layers"])
             if "search" in values:
                 values["search"] = tuple(values["search"])
+            if values.get("layer_wbits") is not None:
+                values["layer_wbits"] = tuple(values["layer_wbits"])
             values.setdefault("confirm_images", 0)  # a run saved before --confirm-images existed
             return cls(**values)
         except TypeError as exc:

@@ -1,0 +1,327 @@
+"""`hwq codesign`: the space is checked, the front is non-dominated and replays, a killed
+run resumes to the same front, and Ray workers give the in-process front."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from accel_sim.ir import load_program
+from accel_sim.timing import program_timing
+from hwq.cli import main
+from hwq.codesign.candidate import copy_matching_weights, nearest_trained
+from hwq.codesign.cost import timing_view
+from hwq.codesign.front import hypervolume, minimized, non_dominated
+from hwq.codesign.run import CodesignConfig, codesign
+from hwq.codesign.space import Design, space_from_dict
+from hwq.data import load_split
+from hwq.quant.evaluate import evaluate_program
+
+from .helpers import write_checkpoint, write_cifar_batches
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = """
+[precision]
+weight_bits = [3, 4, 8]
+per_layer = false
+act_bits = [6, 8]
+[precision.layers]
+fc = [4, 8]
+[accumulator]
+bits = [16, 32]
+[array]
+rows = [4, 8]
+cols = [8]
+dataflow = ["os", "ws"]
+[constraints]
+max_area_um2 = 1.0e7
+[search]
+generations = 2
+population = 4
+finetune_per_generation = 2
+finetune_evals = 48
+fitness_images = 8
+"""
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("codesign")
+    data = write_cifar_batches(root / "data", images_per_batch=40)
+    space = root / "space.toml"
+    space.write_text(TINY)
+    return root, str(data), str(write_checkpoint(root / "model.th")), str(space)
+
+
+def run_config(workspace, out: str, **kw) -> CodesignConfig:
+    root, data, checkpoint, space = workspace
+    return CodesignConfig(
+        space=space, checkpoint=checkpoint, out=str(root / out), data=data, progress=False, **kw
+    )
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(workspace):
+    summary = codesign(run_config(workspace, "full"))
+    return summary, json.loads((workspace[0] / "full" / "front.json").read_text())
+
+
+def relative(front: dict, out: Path) -> list[dict]:
+    """Front points with paths relative to their run directory (runs in two places)."""
+    return [{**p, "ir": str(Path(p["ir"]).relative_to(out))} for p in front["points"]]
+
+
+def rows_without_times(out: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "candidates.jsonl").read_text().splitlines()]
+    strip = ("seconds", "ir", "warm_start")
+    return sorted(({k: v for k, v in r.items() if k not in strip} for r in rows), key=lambda r: r["key"])
+
+
+# ----- the space file ------------------------------------------------------------------
+
+
+def one_line_error(capsys, workspace, text: str, needle: str) -> None:
+    root, data, checkpoint, _ = workspace
+    bad = root / "bad.toml"
+    bad.write_text(text)
+    out = root / "refused"
+    argv = ["codesign", "--space", str(bad), "--checkpoint", checkpoint, "--data", data, "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and needle in err, err
+    assert not out.exists() or not any(p.name != ".lock" for p in out.iterdir())
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("[precision\nweight_bits = [4]", "is not a readable TOML file"),
+        (
+            "[precision]\nweight_bits = [4, 9]\n[array]\nrows = [8]\ncols = [8]",
+            "precision.weight_bits value 9",
+        ),
+        (
+            "[precision]\nweight_bits = []\n[array]\nrows = [8]\ncols = [8]",
+            "precision.weight_bits is an empty list",
+        ),
+        (
+            "[precision]\nweight_bits = [4]\n[array]\nrows = [8]\ncols = [8]\nspeed = 1",
+            "unknown key array.speed",
+        ),
+        ("[precision]\nweight_bits = [4]\n[array]\ncols = [8]", "array.rows is missing"),
+        (
+            "[precision]\nweight_bits = [4]\n[array]\nrows = [8]\ncols = [8]\ndataflow = ['xs']",
+            "'xs' is not one of",
+        ),
+        (
+            TINY.replace("max_area_um2 = 1.0e7", "min_accuracy = 1.5"),
+            "constraints.min_accuracy = 1.5 is above 1",
+        ),
+        (TINY.replace("population = 4", "population = 1"), "search.population must be at least 2"),
+        (TINY.replace('start = "rtn"', "") + 'start = "qat"', "search.start = 'qat'"),
+        (TINY.replace("fc = [4, 8]", "conv9 = [4]"), "precision.layers names 'conv9'"),
+    ],
+)
+def test_bad_space_files_are_one_line_errors(capsys, workspace, text, needle):
+    one_line_error(capsys, workspace, text, needle)
+
+
+def test_impossible_constraints_are_refused_before_the_search(capsys, workspace):
+    one_line_error(
+        capsys,
+        workspace,
+        TINY.replace("max_area_um2 = 1.0e7", "max_area_um2 = 1000"),
+        "constraints.max_area_um2 = 1000",
+    )
+    one_line_error(
+        capsys,
+        workspace,
+        TINY.replace("max_area_um2 = 1.0e7", "max_energy_uj = 1e-9"),
+        "max_energy_uj = 1e-09 cannot",
+    )
+
+
+def test_genes_decode_to_the_designs_they_name():
+    space = space_from_dict(
+        json.loads(
+            json.dumps(
+                {
+                    "precision": {"weight_bits": [2, 4], "per_layer": True, "layers": {"a": [8]}},
+                    "array": {"rows": [4, 8], "cols": [8]},
+                }
+            )
+        )
+    )
+    genes = space.genes(["a", "b", "c"])
+    assert [g.name for g in genes] == ["w:b", "w:c", "rows"]  # fixed choices take no gene
+    design = space.decode(genes, [1, 0, 1], ["a", "b", "c"])
+    assert design.layer_wbits == (8, 4, 2) and design.rows == 8 and design.cols == 8
+
+
+# ----- pieces ------------------------------------------------------------------------
+
+
+def test_non_dominated_keeps_exactly_the_undominated_points():
+    rng = np.random.default_rng(0)
+    points = [
+        {"accuracy": float(a), "energy_uj": float(e), "area_um2": 1.0, "cycles": 1}
+        for a, e in rng.uniform(0, 1, (40, 2))
+    ]
+    objectives = ("accuracy", "energy")
+    front = non_dominated(points, objectives)
+    f = minimized(points, objectives)
+    for i, p in enumerate(points):
+        dominated = any(np.all(f[j] <= f[i]) and np.any(f[j] < f[i]) for j in range(len(points)))
+        assert (p in front) == (not dominated)
+    ref = {"accuracy": 0.0, "energy": 1.0}
+    assert hypervolume(front, objectives, ref) == pytest.approx(hypervolume(points, objectives, ref))
+    assert hypervolume(front[:-1], objectives, ref) < hypervolume(front, objectives, ref)
+
+
+def test_warm_start_takes_the_weights_of_layers_of_equal_width(workspace):
+    from hwq.codesign.candidate import CandidateEvaluator, Settings
+
+    root, data, checkpoint, _ = workspace
+    evaluator = CandidateEvaluator(Settings(checkpoint, data, str(root / "w"), False, "rtn", 1, 8, 0))
+    base = dict(
+        act_bits=8,
+        acc_bits=32,
+        overflow="wrap",
+        rows=8,
+        cols=8,
+        dataflow="os",
+        weight_bytes=65536,
+        input_bytes=65536,
+        output_bytes=65536,
+    )
+    four = evaluator.start_program(Design(layer_wbits=(4,) * 19 + (8,), **base))
+    mixed = evaluator.start_program(Design(layer_wbits=(4,) * 10 + (3,) * 9 + (8,), **base))
+    donor = four.with_weights({op.name: np.clip(op.weight + 1, -7, 7) for op in four.conv_ops()})
+    warm, copied = copy_matching_weights(mixed, donor)
+    for a, b, d in zip(warm.conv_ops(), mixed.conv_ops(), donor.conv_ops(), strict=True):
+        np.testing.assert_array_equal(a.weight, d.weight if a.weight_bits == d.weight_bits else b.weight)
+        np.testing.assert_array_equal(a.bias, b.bias)  # requantization stays the design's own
+    assert copied == sum(op.weight.size for op in mixed.conv_ops()[:10]) + mixed.conv_ops()[-1].weight.size
+    designs = [
+        (Design(layer_wbits=(3,) * 20, **base), "three", 0.9),
+        (Design(layer_wbits=(4,) * 20, **base), "four", 0.1),
+    ]
+    assert nearest_trained(Design(layer_wbits=(4,) * 12 + (3,) * 8, **base), designs) == "four"
+    assert nearest_trained(Design(layer_wbits=(2,) * 20, **base), designs) is None
+
+
+# ----- a whole run -------------------------------------------------------------------
+
+
+def test_tiny_run_gives_a_non_dominated_front_that_replays(workspace, uninterrupted):
+    root, data, _, _ = workspace
+    summary, front = uninterrupted
+    out = root / "full"
+    rows = [json.loads(line) for line in (out / "candidates.jsonl").read_text().splitlines()]
+    screened = [r for r in rows if r["phase"] == "screen"]
+    tuned = [r for r in rows if r["phase"] == "finetune"]
+    assert summary["candidates"] == len(screened) >= 6 and summary["finetuned"] == len(tuned) >= 2
+    assert any(r["weights_copied"] > 0 and r["warm_start"] for r in tuned if r["generation"] == 1)
+    points = front["points"]
+    assert points and summary["front_points"] == len(points)
+    f = minimized(points, tuple(front["objectives"]))
+    for i in range(len(points)):
+        for j in range(len(points)):
+            assert not (np.all(f[j] <= f[i]) and np.any(f[j] < f[i])), (points[j]["name"], points[i]["name"])
+    val = load_split(data, "val")
+    reference = load_program(out / "candidates" / "g000-000" / "start.ir")
+    from hwq.codesign.space import load_space
+
+    space = load_space(workspace[3])
+    for p in points:
+        program = load_program(p["ir"])
+        assert evaluate_program(program, val).correct == p["correct"]  # bit-exact on accel_sim
+        assert tuple(op.weight_bits for op in program.conv_ops()) == tuple(p["layer_wbits"])
+        assert (program.accumulator.bits, program.accumulator.overflow) == (p["acc_bits"], p["overflow"])
+        design = Design(
+            **{k: (tuple(p[k]) if k == "layer_wbits" else p[k]) for k in Design.__dataclass_fields__}
+        )
+        timing = program_timing(timing_view(reference, design), space.accelerator(design))
+        assert timing.cycles == p["cycles"] and timing.energy_pj / 1e6 == pytest.approx(p["energy_uj"])
+        assert program_timing(program, space.accelerator(design)).cycles == p["cycles"]
+    csv_lines = (out / "front.csv").read_text().splitlines()
+    assert len(csv_lines) == len(points) + 1 and "layer_wbits" in csv_lines[0]
+
+
+KILLED_RUN = """
+import sys, time
+from pathlib import Path
+from hwq.search.evaluator import SimEvaluator
+from hwq.codesign.run import codesign
+from tests.test_codesign import run_config
+
+root, data, checkpoint, space, block_at = sys.argv[1:]
+evaluate, calls = SimEvaluator.evaluate, []
+def blocking(self, candidates):
+    if Path(root, "killed", "state.pkl").exists():  # generation 0 is done
+        calls.append(1)
+    if len(calls) == int(block_at):
+        Path(root, "blocked").write_text("")
+        time.sleep(600)  # SIGKILLed here, inside a candidate's CC-EDA run
+    return evaluate(self, candidates)
+SimEvaluator.evaluate = blocking
+codesign(run_config((Path(root), data, checkpoint, space), "killed"))
+"""
+
+
+def test_sigkilled_run_resumes_to_the_same_front(workspace, uninterrupted):
+    root, data, checkpoint, space = workspace
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    # Killed in the second CC-EDA generation of generation 1's first fine-tuning.
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_RUN, str(root), data, checkpoint, space, "2"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not (root / "blocked").exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    finally:
+        proc.kill()
+        proc.wait()
+    out = root / "killed"
+    assert (out / "state.pkl").exists() and list(out.glob("candidates/g001-*/train/state.npz"))
+    assert not (out / "summary.json").exists()
+    codesign(run_config(workspace, "killed"), resume=True)
+    _, front = uninterrupted
+    assert relative(json.loads((out / "front.json").read_text()), out) == relative(front, root / "full")
+    assert rows_without_times(out) == rows_without_times(root / "full")
+
+
+def test_two_ray_workers_give_the_in_process_front(workspace, uninterrupted):
+    pytest.importorskip("ray")
+    root = workspace[0]
+    codesign(run_config(workspace, "ray", workers=2))
+    _, front = uninterrupted
+    out = root / "ray"
+    assert relative(json.loads((out / "front.json").read_text()), out) == relative(front, root / "full")
+    assert rows_without_times(out) == rows_without_times(root / "full")
+
+
+def test_resume_refuses_another_space_and_a_used_directory(capsys, workspace, uninterrupted):
+    root, data, checkpoint, space = workspace
+    other = root / "other.toml"
+    other.write_text(TINY.replace("rows = [4, 8]", "rows = [4, 16]"))
+    argv = ["codesign", "--checkpoint", checkpoint, "--data", data, "--out", str(root / "full")]
+    assert main([*argv, "--space", str(other), "--resume"]) == 2
+    assert "holds a co-design run of another space" in capsys.readouterr().err
+    assert main([*argv, "--space", space]) == 2
+    assert "is not empty; pass --resume" in capsys.readouterr().err
