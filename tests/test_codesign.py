@@ -20,7 +20,7 @@ from hwq.codesign.candidate import copy_matching_weights, nearest_trained
 from hwq.codesign.cost import timing_view
 from hwq.codesign.front import hypervolume, minimized, non_dominated
 from hwq.codesign.run import CodesignConfig, codesign
-from hwq.codesign.space import Design, space_from_dict
+from hwq.codesign.space import Design, load_space, space_from_dict
 from hwq.data import load_split
 from hwq.quant.evaluate import evaluate_program
 
@@ -163,6 +163,15 @@ def test_genes_decode_to_the_designs_they_name():
     assert [g.name for g in genes] == ["w:b", "w:c", "rows"]  # fixed choices take no gene
     design = space.decode(genes, [1, 0, 1], ["a", "b", "c"])
     assert design.layer_wbits == (8, 4, 2) and design.rows == 8 and design.cols == 8
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "examples" / "codesign").glob("*.toml")))
+def test_shipped_spaces_load_and_decode(path):
+    space = load_space(path)
+    layers = [f"conv{i}" for i in range(19)] + ["fc"]
+    genes = space.genes(layers)
+    design = space.decode(genes, [len(g.choices) - 1 for g in genes], layers)
+    assert len(design.layer_wbits) == len(layers) and space.accelerator(design).rows == design.rows
 
 
 # ----- pieces ------------------------------------------------------------------------

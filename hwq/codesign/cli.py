@@ -48,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "fine-tuning of each promising design's weights on accel_sim; writes front.json/front.csv "
         "(docs/codesign.md).",
     )
-    p.add_argument("--space", required=True, help="the space TOML (examples/codesign_space.toml)")
+    p.add_argument("--space", required=True, help="the space TOML (examples/codesign/resnet20_space.toml)")
     p.add_argument("--checkpoint", required=True, help="float checkpoint path, or 'resnet20'")
     p.add_argument("--data", help="CIFAR-10 directory (default: $HWQ_DATA, then ~/.cache/hwq/cifar10)")
     p.add_argument("--out", required=True, help="run directory")
