@@ -9,7 +9,7 @@ DATA_FLAG := $(if $(DATA),--data $(DATA),)
 OUT       ?= runs/demo
 DEMO_EVALS ?= 2000
 
-.PHONY: install rtl-tools test test-slow demo bench lint report
+.PHONY: install rtl-tools test test-slow demo bench lint report codesign
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || python3 -m venv $(VENV)
@@ -71,3 +71,14 @@ report: install $(AREA_FILES)
 	$(if $(filter-out 0,$(REPORT_TRAIN_EVALS)),$(SWEEP) --wbits 4 --abits 8 --acc-bits 16 --overflow wrap \
 		--train-budget $(REPORT_TRAIN_EVALS) $(REPORT_FLAGS))
 	$(BIN)/hwq report --results $(REPORT_OUT) --out $(REPORT_OUT)/report
+
+# Co-design against the uniform grid at equal wall time (README "Co-design"; docs/codesign.md),
+# then its report. Timed from scratch: $(CODESIGN_OUT) is removed first.
+CODESIGN_OUT   ?= runs/codesign
+CODESIGN_SPACE ?= examples/codesign/resnet20_space.toml
+
+codesign: install rtl-tools
+	rm -rf $(CODESIGN_OUT)
+	$(BIN)/python bench/bench_codesign.py --space $(CODESIGN_SPACE) --checkpoint $(CHECKPOINT) $(DATA_FLAG) \
+		--out $(CODESIGN_OUT)
+	$(BIN)/hwq report --codesign $(CODESIGN_OUT) --out $(CODESIGN_OUT)/report

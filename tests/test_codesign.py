@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -334,3 +335,43 @@ def test_resume_refuses_another_space_and_a_used_directory(capsys, workspace, un
     assert "holds a co-design run of another space" in capsys.readouterr().err
     assert main([*argv, "--space", space]) == 2
     assert "is not empty; pass --resume" in capsys.readouterr().err
+
+
+def test_grid_beside_the_front_and_the_report_that_draws_them(capsys, workspace, uninterrupted):
+    root, data, checkpoint, space = workspace
+    out, report = root / "gridded", root / "report"
+    shutil.copytree(root / "full", out)
+    argv = ["codesign", "--space", space, "--checkpoint", checkpoint, "--data", data, "--out", str(out)]
+    assert main([*argv, "--resume", "--grid-seconds", "600", "--quiet"]) == 0
+    grid = json.loads((out / "grid.json").read_text())
+    assert grid["grid_size"] == 3 * 2 * 2 * 1 == len(grid["points"])  # wbits, abits, acc, one square side
+    assert {p["rows"] for p in grid["points"]} == {8} and all(
+        len(set(p["layer_wbits"])) == 1 for p in grid["points"]
+    )
+    val = load_split(data, "val")
+    first = grid["points"][0]
+    assert evaluate_program(load_program(first["ir"]), val).correct == first["correct"]
+    capsys.readouterr()
+    assert main(["report", "--codesign", str(out), "--out", str(report)]) == 0
+    front = json.loads((out / "front.json").read_text())["points"]
+    layers = json.loads((out / "codesign.json").read_text())["layers"]
+    for name in ("energy", "area", "cycles"):
+        assert (report / "figures" / f"codesign_accuracy_vs_{name}.png").stat().st_size > 0
+    widths = (report / "tables" / "layer_widths.csv").read_text().splitlines()
+    assert widths[0] == ",".join(["design", *layers])
+    assert widths[1:] == [",".join([p["name"], *map(str, p["layer_wbits"])]) for p in front]
+    summary = (report / "summary.md").read_text()
+    assert (
+        all(p["name"] in summary for p in front) and f"{len(grid['points'])} uniform-grid points" in summary
+    )
+    assert 'id="codesign_accuracy_vs_energy"' in (report / "report.html").read_text()
+
+
+def test_report_refuses_what_is_not_a_codesign_run(capsys, workspace):
+    root = workspace[0]
+    assert main(["report", "--codesign", str(root / "data"), "--out", str(root / "r1")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "not a hwq codesign run directory" in err
+    assert main(["report", "--results", str(root), "--grid", "x.json", "--out", str(root / "r2")]) == 2
+    assert "--grid goes with --codesign" in capsys.readouterr().err
+    assert not (root / "r1").exists() and not (root / "r2").exists()

@@ -148,14 +148,16 @@ class CandidateEvaluator:
         save_program(program, where / START_IR)
         return {**self.accuracy(program), "ir": str(where / START_IR)}
 
-    def finetune(self, design: Design, directory: str, donor_ir: str | None) -> dict:
-        """CC-EDA for the per-candidate budget from the warm start; the val split picks the
-        better of the start and the trained program (model selection, as `hwq train`'s
+    def finetune(self, design: Design, directory: str, start_ir: str, donor_ir: str | None) -> dict:
+        """CC-EDA for the per-candidate budget from the warm start (the screened `start_ir`,
+        which may be a twin's, with the donor's weights where they fit); the val split picks
+        the better of the start and the trained program (model selection, as `hwq train`'s
         best_val.ir)."""
         from ..search.train import TrainConfig
 
         s, where = self.settings, Path(directory)
-        start = load_program(where / START_IR)
+        where.mkdir(parents=True, exist_ok=True)
+        start = load_program(start_ir)
         copied = 0
         if donor_ir is not None:
             start, copied = copy_matching_weights(start, load_program(donor_ir))

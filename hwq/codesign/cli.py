@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from .. import HwqError
-from ..flags import positive_int
+from ..flags import positive_float, positive_int
 from ..outdir import check_output_dir
 
 
@@ -30,6 +30,7 @@ def cmd_codesign(args: argparse.Namespace) -> None:
         ray_address=args.ray_address,
         cpus_per_worker=args.cpus_per_worker,
         progress=not args.quiet,
+        grid_seconds=args.grid_seconds or 0.0,
     )
     summary = codesign(cfg, resume=args.resume)
     if summary["front_points"] == 0:
@@ -38,6 +39,9 @@ def cmd_codesign(args: argparse.Namespace) -> None:
         f"{summary['candidates']} designs, {summary['finetuned']} fine-tuned with CC-EDA; "
         f"{summary['front_points']} on the front: {summary['front']} (and front.csv)"
     )
+    if "grid" in summary:
+        print(f"uniform grid: {summary['grid_points']} of {summary['grid_size']} points in {summary['grid']}")
+    print(f"draw it: hwq report --codesign {args.out} --out REPORT_DIR")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -56,5 +60,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=positive_int, help="evaluate candidates on N Ray actors")
     p.add_argument("--ray-address", help="join this Ray cluster (default: a local Ray)")
     p.add_argument("--cpus-per-worker", type=positive_int, help="CPUs (torch threads) per actor (default 1)")
+    p.add_argument(
+        "--grid-seconds",
+        type=positive_float,
+        help="then measure the uniform grid over the same space for S seconds (grid.json), "
+        "for hwq report to draw beside the front",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_codesign)

@@ -13,10 +13,12 @@ constraints.
 The run directory: `codesign.json` (the space and inputs), `candidates.jsonl` (one row per
 candidate and phase, appended and fsynced as each finishes), `state.pkl` (NSGA-II and its
 random state after each generation), `area.json` (the Yosys numbers used), `candidates/`
-(each candidate's programs and training run), and at the end `front.json`, `front.csv`,
-`summary.json`. After a kill, `--resume` replays the saved generations' state, reads back
-every finished candidate and resumes an interrupted training run exactly, so the front is
-the one an uninterrupted run gives. One process owns the directory at a time.
+(each candidate's programs and training run), `points.json` (every feasible design
+measured) with its front in `front.json` and `front.csv` (rewritten after each generation),
+`summary.json` at the end, and `grid.json` when the uniform grid is measured beside it.
+After a kill, `--resume` replays the saved generations' state, reads back every finished
+candidate and resumes an interrupted training run exactly, so the front is the one an
+uninterrupted run gives. One process owns the directory at a time.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from ..studies.rows import append_rows, drop_truncated_tail, read_results
 from .candidate import Settings, nearest_trained
 from .cost import AreaModel, HardwareCost, hardware_cost
 from .front import OBJECTIVE_FIELDS, minimized, write_front
+from .grid import GRID_FILE, measure_grid, write_grid
 from .pool import make_pool
 from .space import Design, Gene, Space, load_space
 
@@ -55,6 +58,7 @@ SETTINGS_FILE = "codesign.json"
 CANDIDATES_FILE = "candidates.jsonl"
 STATE_FILE = "state.pkl"
 AREA_FILE = "area.json"
+POINTS_FILE = "points.json"
 INVALID = 1.0e12  # objective value of a design that cannot be built (its constraint rules it out)
 
 
@@ -68,6 +72,7 @@ class CodesignConfig:
     ray_address: str | None = None
     cpus_per_worker: int | None = None
     progress: bool = True
+    grid_seconds: float = 0.0  # then the uniform grid for this long (hwq.codesign.grid)
 
 
 @contextmanager
@@ -87,18 +92,17 @@ def own_random_state(holder: dict) -> Iterator[None]:
         random.setstate(outside[1])
 
 
-def make_algorithm(space: Space):  # noqa: ANN201 - a pymoo NSGA2
+def make_algorithm(space: Space, initial: np.ndarray):  # noqa: ANN201 - a pymoo NSGA2
     """NSGA-II on integer genes: pymoo's recipe for integer variables (SBX and polynomial
-    mutation on the real line, rounded back)."""
+    mutation on the real line, rounded back), from the `initial` genomes."""
     from pymoo.algorithms.moo.nsga2 import NSGA2
     from pymoo.operators.crossover.sbx import SBX
     from pymoo.operators.mutation.pm import PM
     from pymoo.operators.repair.rounding import RoundingRepair
-    from pymoo.operators.sampling.rnd import IntegerRandomSampling
 
     return NSGA2(
         pop_size=space.search["population"],
-        sampling=IntegerRandomSampling(),
+        sampling=initial.astype(np.float64),
         crossover=SBX(prob=0.9, eta=15, vtype=float, repair=RoundingRepair()),
         mutation=PM(eta=20, vtype=float, repair=RoundingRepair()),
         eliminate_duplicates=True,
@@ -276,7 +280,9 @@ class Codesign:
     # ----- state -------------------------------------------------------------------------
 
     def fresh_state(self) -> dict:
-        algorithm = make_algorithm(self.space)
+        search = self.space.search
+        initial = self.space.uniform_genomes(self.genes, self.layers, search["population"], search["seed"])
+        algorithm = make_algorithm(self.space, initial)
         state = {"generation": 0, "random": {}}
         with own_random_state(state["random"]):
             algorithm.setup(
@@ -315,12 +321,26 @@ class Codesign:
         self.rows[row["key"]] = row
 
     def earlier(self, design: Design, phase: str) -> dict | None:
-        """A finished row of the same design and phase from an earlier generation: a design
-        NSGA-II proposes again is not paid for again."""
+        """A finished row of the same phase whose design computes the same integers (same
+        numerics_key): a design NSGA-II proposes again, or one that differs from it only
+        in the array, dataflow or buffers, is not paid for again."""
         for r in self.rows.values():
-            if r["phase"] == phase and r["design"] == design.to_json():
+            if r["phase"] == phase and design_from_json(r["design"]).numerics_key == design.numerics_key:
                 return r
         return None
+
+    def reuse(self, again: dict, generation: int, index: int, phase: str, design: Design) -> None:
+        key = row_key(generation, index, phase)
+        self.append(
+            {
+                **again,
+                "key": key,
+                "generation": generation,
+                "index": index,
+                "design": design.to_json(),
+                "reused": again.get("reused", again["key"]),
+            }
+        )
 
     def trained(self, before: int) -> list[tuple[Design, str, float]]:
         rows = sorted(
@@ -334,18 +354,18 @@ class Codesign:
     ) -> None:
         """Evaluate the candidates of one phase that have no row yet; rows are appended in
         candidate order as results arrive."""
-        todo = []
+        todo, twins, first = [], [], {}
         for index, design, args in work:
-            key = row_key(generation, index, phase)
-            if key in self.rows:
+            if row_key(generation, index, phase) in self.rows:
                 continue
             again = self.earlier(design, phase)
             if again is not None:
-                self.append(
-                    {**again, "key": key, "generation": generation, "index": index, "reused": again["key"]}
-                )
-                continue
-            todo.append((index, design, args))
+                self.reuse(again, generation, index, phase, design)
+            elif design.numerics_key in first:
+                twins.append((index, design, first[design.numerics_key]))
+            else:
+                first[design.numerics_key] = row_key(generation, index, phase)
+                todo.append((index, design, args))
         starts = [time.perf_counter()]
 
         def finished(i: int, result: dict) -> None:
@@ -364,6 +384,8 @@ class Codesign:
             bar.update(1)
 
         self.pool.map(phase, [(design, *args) for _, design, args in todo], finished)
+        for index, design, key in twins:  # same numerics as a candidate of this generation
+            self.reuse(self.rows[key], generation, index, phase, design)
 
     def generation(self, generation: int, genomes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Objectives (to minimize) and constraints of one generation's genomes."""
@@ -382,10 +404,23 @@ class Codesign:
             total=len(screened), desc=desc, unit="design", disable=None if self.cfg.progress else True
         ) as bar:
             self.run_phase("screen", generation, screened, bar)
-            chosen = self.to_finetune(generation, screened, hardware)
+            tuned = [c for c in screened if self.earlier(c[1], "finetune") is not None]
+            fresh = [c for c in screened if c not in tuned]
+            chosen = sorted(tuned + self.to_finetune(generation, fresh, hardware), key=lambda c: c[0])
             donors = self.trained(generation)
             bar.total += len(chosen)
-            work = [(i, d, (directory[i], nearest_trained(d, donors))) for i, d, _ in chosen]
+            work = [
+                (
+                    i,
+                    d,
+                    (
+                        directory[i],
+                        self.row(row_key(generation, i, "screen"))["ir"],
+                        nearest_trained(d, donors),
+                    ),
+                )
+                for i, d, _ in chosen
+            ]
             self.run_phase("finetune", generation, work, bar)
         return self.objectives(generation, designs, hardware)
 
@@ -401,7 +436,8 @@ class Codesign:
     def to_finetune(self, generation: int, screened: list, hardware: list) -> list:
         """The screened candidates worth CC-EDA: first non-dominated rank on the screened
         objectives, then the more accurate, then the earlier; at most
-        search.finetune_per_generation of them."""
+        search.finetune_per_generation distinct numerics (with every candidate that shares
+        one: it is trained once)."""
         from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
 
         k = self.space.search["finetune_per_generation"]
@@ -413,7 +449,8 @@ class Codesign:
         fronts = NonDominatedSorting().do(minimized(points, self.space.objectives))
         rank = {i: r for r, front in enumerate(fronts) for i in front}
         order = sorted(range(len(screened)), key=lambda j: (rank[j], -points[j]["accuracy"], screened[j][0]))
-        return [screened[j] for j in sorted(order[:k])]
+        keys = list(dict.fromkeys(screened[j][1].numerics_key for j in order))[:k]
+        return [c for c in screened if c[1].numerics_key in keys]
 
     @staticmethod
     def point(row: dict, cost: HardwareCost) -> dict:
@@ -482,10 +519,14 @@ class Codesign:
                 points.append(front_point(design, row, cost))
         return points
 
+    def write_points(self, generations: int) -> list[dict]:
+        """points.json (every feasible design measured so far) and the front of them."""
+        points = self.evaluated_points()
+        write_json(self.dir / POINTS_FILE, {"generations": generations, "points": points})
+        return write_front(self.dir, points, self.space.objectives, {"generations": generations})
+
     def report_generation(self, generation: int) -> None:
-        front = write_front(
-            self.dir, self.evaluated_points(), self.space.objectives, {"generations": generation}
-        )
+        front = self.write_points(generation)
         if self.cfg.progress:
             best = max((p["accuracy"] for p in front), default=0.0)
             print(
@@ -494,12 +535,7 @@ class Codesign:
             )
 
     def finish(self, seconds: float) -> dict:
-        front = write_front(
-            self.dir,
-            self.evaluated_points(),
-            self.space.objectives,
-            {"generations": self.space.search["generations"]},
-        )
+        front = self.write_points(self.space.search["generations"])
         rows = list(self.rows.values())
         summary = {
             "hwq_version": __version__,
@@ -516,6 +552,13 @@ class Codesign:
         }
         write_json(self.dir / "summary.json", summary)
         return summary
+
+    def measure_grid(self, seconds: float) -> dict:
+        """The uniform grid beside the front, for `seconds`, into grid.json."""
+        start = time.perf_counter()
+        points, size = measure_grid(self, seconds, self.space.search["seed"])
+        write_grid(self.dir, points, size, round(time.perf_counter() - start, 1), self.space.search["seed"])
+        return {"grid_points": len(points), "grid_size": size, "grid": str(self.dir / GRID_FILE)}
 
     def close(self) -> None:
         self.pool.close()
@@ -552,7 +595,10 @@ def codesign(cfg: CodesignConfig, resume: bool = False) -> dict:
     with DirectoryLock(cfg.out):
         run = Codesign(cfg, resume)
         try:
-            return run.run()
+            summary = run.run()
+            if cfg.grid_seconds > 0:
+                summary = {**summary, **run.measure_grid(cfg.grid_seconds)}
+            return summary
         except KeyboardInterrupt:
             raise KeyboardInterrupt(
                 f"run incomplete: finished candidates are kept; continue it with: hwq codesign --space "

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from accel_sim.hardware import DATAFLOWS, Accelerator, EnergyTable
 from accel_sim.ir import (
     MAX_ACC_BITS,
@@ -102,6 +104,13 @@ class Design:
         return f"a{self.act_bits}-w" + ".".join(str(b) for b in self.layer_wbits)
 
     @property
+    def numerics_key(self) -> str:
+        """Designs with one key compute the same integers: the array, dataflow and buffers
+        change when and where each product is taken, never the reduction order the IR
+        fixes (docs/datapath.md), so one accuracy serves them all."""
+        return f"{self.precision_key}-acc{self.acc_bits}{self.overflow}"
+
+    @property
     def name(self) -> str:
         ws = sorted(set(self.layer_wbits))
         weights = f"w{ws[0]}" if len(ws) == 1 else f"w{ws[0]}-{ws[-1]}"
@@ -173,6 +182,19 @@ class Space:
 
         wbits = tuple(pick(g.name, g.choices) for g in map(self.weight_gene, layers))
         return Design(wbits, *(pick(n, getattr(self, n)) for n in HARDWARE_GENES))
+
+    def uniform_genomes(self, genes: list[Gene], layers: list[str], n: int, seed: int) -> np.ndarray:
+        """`n` genomes with one weight width in every layer (the nearest choice where a layer
+        has its own), the other genes at random: the grid's kind of design, where the
+        search starts; crossover and mutation then mix the widths per layer."""
+        rng = np.random.default_rng(seed)
+        genomes = np.stack([rng.integers(0, len(g.choices), n) for g in genes], axis=1)
+        widths = rng.choice(np.array(self.weight_bits), n)
+        for j, gene in enumerate(genes):
+            if gene.name.startswith("w:"):
+                choices = np.array(gene.choices)
+                genomes[:, j] = np.abs(choices[None, :] - widths[:, None]).argmin(axis=1)
+        return genomes
 
     def accelerator(self, design: Design) -> Accelerator:
         """The design's accelerator; IRError when the combination cannot exist (a buffer

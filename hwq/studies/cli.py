@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .. import HwqError
 from ..data import DEFAULT_SPLIT_SEED, DEFAULT_VAL_FRACTION
 from ..flags import MULT_BITS, nonnegative_int, open_fraction, positive_float, positive_int, torch_device
 from ..outdir import check_output_dir
@@ -124,8 +125,14 @@ def add_sweep_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_report(args: argparse.Namespace) -> None:
     from .report import build_report, build_training_report
 
+    if args.grid is not None and args.codesign is None:
+        raise HwqError("--grid goes with --codesign: the uniform grid drawn beside a co-design front")
     if args.train_runs:
         report = build_training_report(args.train_runs, args.out)
+    elif args.codesign:
+        from ..codesign.report import build_codesign_report
+
+        report = build_codesign_report(args.codesign, args.out, args.grid)
     else:
         report = build_report(args.results, args.out)
     pages = "" if args.train_runs else "report.html, summary.md, "
@@ -135,12 +142,16 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def add_report_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("report", help="HTML report, Markdown summary, figures and CSV tables of a sweep")
+    p = sub.add_parser(
+        "report", help="HTML report, Markdown summary, figures and CSV tables of a sweep or a co-design run"
+    )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--results", help="a sweep directory or its results.jsonl")
     source.add_argument(
         "--train-runs", nargs="+", help="hwq train run directories: their training curves only"
     )
+    source.add_argument("--codesign", help="a hwq codesign run directory: its front against its grid")
+    p.add_argument("--grid", help="with --codesign: the grid.json to draw beside it (default: the run's own)")
     p.add_argument("--out", required=True, help="directory for report.html, summary.md, figures/, tables/")
     p.set_defaults(func=cmd_report)
 
