@@ -11,10 +11,8 @@ fall by more than the range width (`max R - min R <= hi - lo`), it holds to the 
 final value `R[K-1] + min(a, hi - max R)` needs one cumsum and two reductions over K, for
 all outputs at once. The mirror image covers outputs that only clip at `lo`, and outputs
 that never leave the range keep `a + R[K-1]`. Only outputs whose sums reach both bounds
-are replayed step by step, still vectorized over all of them, with the K steps laid out so
-that each step reads contiguous memory. (Looping instead over the crossings of the range,
-each phase between two a pass of the one-bound form, costs several passes over all M x K
-products per crossing; on a CPU that was far slower than these K small steps.)
+are replayed by composing the K clamped steps pairwise (`composed_clamps`: log2 K rounds,
+vectorized over all of them, in place of K sequential steps).
 """
 
 from __future__ import annotations
@@ -42,17 +40,32 @@ def saturating_replay(
     result = torch.where(over | under, result, a + last)
     rows = ((over & under) | ((over | under) & ~narrow)).nonzero().squeeze(1)
     if len(rows):
-        result[rows] = stepwise(products[rows].t().contiguous(), a[rows], lo, hi)
+        result[rows] = composed_clamps(products[rows], a[rows], lo, hi)
     return result, (a != acc0) | over | under
 
 
-def stepwise(steps: torch.Tensor, value: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    """The definition itself, for outputs that clip at both bounds, from a clamped start;
-    `steps` (K, M) holds step t of every output in row t."""
-    value = value.clone()
-    for step in steps:
-        value.add_(step).clamp_(lo, hi)
-    return value
+def composed_clamps(products: torch.Tensor, value: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """The definition, for outputs that clip at both bounds, from a clamped start `value`.
+
+    Step t is the map v -> clamp(v + p[t], lo, hi), and the composition of two maps of the
+    form v -> clamp(v + s, L, H) (L <= H) is one again: first (s1, L1, H1), then
+    (s2, L2, H2) gives (s1 + s2, clamp(L1 + s2, L2, H2), clamp(H1 + s2, L2, H2)), because
+    clamping into [L2, H2] a value clamped into [A, B] clamps it into [clamp(A), clamp(B)].
+    Composing neighbours pairwise takes log2(K) rounds over all outputs at once instead of
+    K sequential steps; every value stays a sum of contiguous products plus a bound, within
+    the exactness limit of `saturating_replay`."""
+    s = products
+    low, high = torch.full_like(s, lo), torch.full_like(s, hi)
+    while s.shape[1] > 1:
+        if s.shape[1] % 2:  # an identity step: values entering it are already in [lo, hi]
+            s, low, high = (
+                torch.nn.functional.pad(t, (0, 1), value=v) for t, v in ((s, 0), (low, lo), (high, hi))
+            )
+        s1, s2 = s[:, 0::2], s[:, 1::2]
+        low2, high2 = low[:, 1::2], high[:, 1::2]
+        low, high = (low[:, 0::2] + s2).clamp(low2, high2), (high[:, 0::2] + s2).clamp(low2, high2)
+        s = s1 + s2
+    return (value + s[:, 0]).clamp(low[:, 0], high[:, 0])
 
 
 def patch_offsets(xp: torch.Tensor, kernel: int) -> torch.Tensor:

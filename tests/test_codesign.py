@@ -20,7 +20,7 @@ from hwq.cli import main
 from hwq.codesign.candidate import copy_matching_weights, nearest_trained
 from hwq.codesign.cost import timing_view
 from hwq.codesign.front import hypervolume, minimized, non_dominated
-from hwq.codesign.run import CodesignConfig, codesign
+from hwq.codesign.run import Codesign, CodesignConfig, codesign, design_from_json
 from hwq.codesign.space import Design, load_space, space_from_dict
 from hwq.data import load_split
 from hwq.quant.evaluate import evaluate_program
@@ -77,6 +77,10 @@ def uninterrupted(workspace):
 def relative(front: dict, out: Path) -> list[dict]:
     """Front points with paths relative to their run directory (runs in two places)."""
     return [{**p, "ir": str(Path(p["ir"]).relative_to(out))} for p in front["points"]]
+
+
+def numerics(design: dict) -> str:
+    return design_from_json(design).numerics_key
 
 
 def rows_without_times(out: Path) -> list[dict]:
@@ -265,6 +269,32 @@ def test_tiny_run_gives_a_non_dominated_front_that_replays(workspace, uninterrup
     assert len(csv_lines) == len(points) + 1 and "layer_wbits" in csv_lines[0]
 
 
+def test_front_holds_the_best_hardware_of_each_numerics(workspace, uninterrupted):
+    """Accuracy belongs to the numerics, so no array, dataflow or buffer size of the space
+    may beat a front point's hardware at its numerics; and the front has hardware that
+    NSGA-II never proposed for that numerics."""
+    _, front = uninterrupted
+    run = Codesign(run_config(workspace, "full"), resume=True)
+    run.pool.close()
+    proposed = {
+        (r["design"]["rows"], r["design"]["dataflow"], numerics(r["design"])) for r in run.rows.values()
+    }
+    hardware = ("energy_uj", "area_um2", "cycles")
+    unproposed = 0
+    for p in front["points"]:
+        design = Design(
+            **{k: (tuple(p[k]) if k == "layer_wbits" else p[k]) for k in Design.__dataclass_fields__}
+        )
+        unproposed += (p["rows"], p["dataflow"], design.numerics_key) not in proposed
+        mine = np.array([p[f] for f in hardware])
+        for variant in run.space.hardware_variants(design):
+            cost, why = run.cost(variant)
+            if why is None:
+                other = np.array([cost.to_json()[f] for f in hardware])
+                assert not (np.all(other <= mine) and np.any(other < mine)), (variant.name, p["name"])
+    assert unproposed > 0
+
+
 KILLED_RUN = """
 import sys, time
 from pathlib import Path
@@ -362,7 +392,8 @@ def test_grid_beside_the_front_and_the_report_that_draws_them(capsys, workspace,
     assert widths[1:] == [",".join([p["name"], *map(str, p["layer_wbits"])]) for p in front]
     summary = (report / "summary.md").read_text()
     assert (
-        all(p["name"] in summary for p in front) and f"{len(grid['points'])} uniform-grid points" in summary
+        all(p["name"] in summary for p in front)
+        and f"{sum(p['feasible'] for p in grid['points'])} uniform-grid points" in summary
     )
     assert 'id="codesign_accuracy_vs_energy"' in (report / "report.html").read_text()
 

@@ -29,10 +29,12 @@ def stepwise_definition(
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.float32, torch.float64])
 def test_saturating_replay_equals_the_stepwise_definition(dtype, monkeypatch):
     """Random walks with drifts of both signs, narrow ranges and out-of-range starts: most
-    outputs clip, at one bound (the closed form) or at both (the step-by-step replay)."""
+    outputs clip, at one bound (the closed form) or at both (the composed steps)."""
     both_bounds = []
-    stepwise = saturate.stepwise
-    monkeypatch.setattr(saturate, "stepwise", lambda s, *a: both_bounds.append(s.shape[1]) or stepwise(s, *a))
+    composed = saturate.composed_clamps
+    monkeypatch.setattr(
+        saturate, "composed_clamps", lambda p, *a: both_bounds.append(p.shape[0]) or composed(p, *a)
+    )
     g = torch.Generator().manual_seed(0)
     outputs = 0
     for trial in range(24):

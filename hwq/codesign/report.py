@@ -1,12 +1,12 @@
 """`hwq report --codesign DIR`: the front of a co-design run, drawn against its grid.
 
-Three figures (accuracy against energy, area and cycles per image) show every feasible
-design measured (grey), the front's points (the run's front.json: non-dominated in all
-objectives at once) and, within each figure, the staircase of the designs no other beats
-on that figure's two axes alone; the uniform grid's points (grid.json: `hwq codesign
---grid-seconds`, or --grid) are marked beside them. Tables: the front with its hardware,
-and the weight width of every layer of every front point. Every number is read from the
-run's files and formatted, never recomputed.
+Three figures (accuracy against energy, area and cycles per image) show every network
+measured on its best hardware variants (grey, points.json), the front's points (the run's
+front.json: non-dominated in all objectives at once) and, within each figure, the
+staircase of the designs no other beats on that figure's two axes alone; the uniform
+grid's points (grid.json: `hwq codesign --grid-seconds`, or --grid) are marked beside
+them. Tables: the front with its hardware, and the weight width of every layer of every
+front point. Every number is read from the run's files and formatted, never recomputed.
 """
 
 from __future__ import annotations
@@ -79,7 +79,8 @@ def load_grid(run_dir: Path, grid: str | os.PathLike | None) -> list[dict]:
     path = Path(grid) if grid is not None else run_dir / GRID_FILE
     if grid is None and not path.exists():
         return []
-    return points_of(read_json(path, "no grid measured (hwq codesign --grid-seconds S)"), path)
+    points = points_of(read_json(path, "no grid measured (hwq codesign --grid-seconds S)"), path)
+    return [p for p in points if p.get("feasible", True)]  # as on the front: the constraints met
 
 
 def plot_front(name: str, front: list[dict], evaluated: list[dict], grid: list[dict]) -> plt.Figure:
@@ -91,7 +92,7 @@ def plot_front(name: str, front: list[dict], evaluated: list[dict], grid: list[d
         if points:
             ax.scatter([p[field] for p in points], [100 * p["accuracy"] for p in points], **style)
 
-    scatter(evaluated, s=12, color="tab:gray", alpha=0.35, label="designs measured")
+    scatter(evaluated, s=12, color="tab:gray", alpha=0.35, label="networks measured, on their best hardware")
     scatter(grid, s=22, marker="x", color="tab:orange", label="uniform grid")
     scatter(front, s=26, color="tab:blue", label="front (all objectives)")
     stairs = sorted(non_dominated(front, ("accuracy", objective)), key=lambda p: p[field])
@@ -131,9 +132,14 @@ def short_layer(name: str) -> str:
 
 def context_line(settings: dict, front: list[dict], evaluated: list[dict], grid: list[dict]) -> str:
     images = front[0]["images"] if front else 0
-    grid_part = f"; {len(grid)} uniform-grid points beside it" if grid else "; no grid measured"
+    grid_part = (
+        f"; {len(grid)} uniform-grid points beside it (those meeting the constraints)"
+        if grid
+        else "; no grid measured"
+    )
     return (
-        f"{len(front)} designs on the front of {len(evaluated)} feasible designs measured "
+        f"{len(front)} designs on the front of {len(evaluated)} feasible designs (each network measured, "
+        "on its best hardware variants) "
         f"(objectives: {', '.join(settings['objectives'])}), accuracy bit-exact on accel_sim on {images} "
         f"val images of {settings.get('data') or 'the default CIFAR-10'}, checkpoint {settings['checkpoint']}"
         f"{grid_part}."

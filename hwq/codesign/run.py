@@ -13,12 +13,13 @@ constraints.
 The run directory: `codesign.json` (the space and inputs), `candidates.jsonl` (one row per
 candidate and phase, appended and fsynced as each finishes), `state.pkl` (NSGA-II and its
 random state after each generation), `area.json` (the Yosys numbers used), `candidates/`
-(each candidate's programs and training run), `points.json` (every feasible design
-measured) with its front in `front.json` and `front.csv` (rewritten after each generation),
-`summary.json` at the end, and `grid.json` when the uniform grid is measured beside it.
-After a kill, `--resume` replays the saved generations' state, reads back every finished
-candidate and resumes an interrupted training run exactly, so the front is the one an
-uninterrupted run gives. One process owns the directory at a time.
+(each candidate's programs and training run), `points.json` (every numerics measured on
+its best hardware variants, see evaluated_points) with its front in `front.json` and
+`front.csv` (rewritten after each generation), `summary.json` at the end, and `grid.json`
+when the uniform grid is measured beside it. After a kill, `--resume` replays the saved
+generations' state, reads back every finished candidate and resumes an interrupted
+training run exactly, so the front is the one an uninterrupted run gives. One process owns
+the directory at a time.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from ..search import rundir
 from ..studies.rows import append_rows, drop_truncated_tail, read_results
 from .candidate import Settings, nearest_trained
 from .cost import AreaModel, HardwareCost, hardware_cost
-from .front import OBJECTIVE_FIELDS, minimized, write_front
+from .front import OBJECTIVE_FIELDS, minimized, non_dominated, write_front
 from .grid import GRID_FILE, measure_grid, write_grid
 from .pool import make_pool
 from .space import Design, Gene, Space, load_space
@@ -175,6 +176,7 @@ class Codesign:
         if not self.genes:
             raise HwqError(f"{cfg.space}: every choice has one value; there is nothing to search")
         self.area = AreaModel(self.dir / AREA_FILE if resume else None)
+        self.costs: dict[Design, tuple[HardwareCost | None, str | None]] = {}
         self.check_constraints_reachable()  # before the directory holds anything
         self.identity = self.record_settings(resume)
         self.area.keep_in(self.dir / AREA_FILE)
@@ -425,13 +427,17 @@ class Codesign:
         return self.objectives(generation, designs, hardware)
 
     def cost(self, design: Design) -> tuple[HardwareCost | None, str | None]:
-        """The design's hardware cost, or why it is not evaluated further."""
-        try:
-            accelerator = self.space.accelerator(design)
-        except IRError as exc:
-            return None, f"cannot be built: {exc}"
-        cost = hardware_cost(self.reference, design, accelerator, self.area)
-        return cost, hardware_violation(self.space, cost)
+        """The design's hardware cost, or why it is not evaluated further (kept: the front
+        costs every hardware variant of every numerics after each generation)."""
+        if design not in self.costs:
+            try:
+                accelerator = self.space.accelerator(design)
+            except IRError as exc:
+                self.costs[design] = (None, f"cannot be built: {exc}")
+            else:
+                cost = hardware_cost(self.reference, design, accelerator, self.area)
+                self.costs[design] = (cost, hardware_violation(self.space, cost))
+        return self.costs[design]
 
     def to_finetune(self, generation: int, screened: list, hardware: list) -> list:
         """The screened candidates worth CC-EDA: first non-dominated rank on the screened
@@ -501,26 +507,40 @@ class Codesign:
         return self.finish(time.perf_counter() - start)
 
     def evaluated_points(self) -> list[dict]:
-        """Every feasible candidate's final figures (fine-tuned where it was)."""
+        """Every numerics measured, at its final accuracy (fine-tuned where it was), on every
+        array, dataflow and buffer sizes of the space that meet the constraints: accuracy
+        is the numerics' (Design.numerics_key) and a cost is a millisecond, so the front
+        holds the best hardware for each network, not only the hardware NSGA-II proposed.
+        Per numerics, only the variants no other variant beats on the hardware objectives."""
+        hardware = tuple(o for o in self.space.objectives if o != "accuracy")
         points = []
+        for row in self.measured_numerics():
+            variants = []
+            for design in self.space.hardware_variants(design_from_json(row["design"])):
+                cost, why = self.cost(design)
+                if why is None and cost is not None:
+                    if all(v <= 0 for v in constraint_values(self.space, True, cost, row["accuracy"])):
+                        variants.append(front_point(design, row, cost))
+            points += non_dominated(variants, hardware) if hardware else variants
+        return points
+
+    def measured_numerics(self) -> list[dict]:
+        """One row per numerics screened, in the order first screened: its fine-tuning row
+        where it has one, else its screen."""
+        rows, seen = [], set()
         screens = sorted(
             (r for r in self.rows.values() if r["phase"] == "screen"),
             key=lambda r: (r["generation"], r["index"]),
         )
         for screen in screens:
             design = design_from_json(screen["design"])
-            row = self.final_row(screen["generation"], screen["index"])
-            cost, why = self.cost(design)
-            if why is not None or cost is None:
-                continue
-            accuracy = row["accuracy"]
-            feasible = all(v <= 0 for v in constraint_values(self.space, True, cost, accuracy))
-            if feasible:
-                points.append(front_point(design, row, cost))
-        return points
+            if design.numerics_key not in seen:
+                seen.add(design.numerics_key)
+                rows.append(self.earlier(design, "finetune") or screen)
+        return rows
 
     def write_points(self, generations: int) -> list[dict]:
-        """points.json (every feasible design measured so far) and the front of them."""
+        """points.json (every numerics measured so far, on its best hardware) and their front."""
         points = self.evaluated_points()
         write_json(self.dir / POINTS_FILE, {"generations": generations, "points": points})
         return write_front(self.dir, points, self.space.objectives, {"generations": generations})

@@ -11,6 +11,7 @@ gene (mixed precision); `precision.layers` narrows the choices of named layers (
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import sys
 from dataclasses import dataclass, field
@@ -196,6 +197,15 @@ class Space:
                 genomes[:, j] = np.abs(choices[None, :] - widths[:, None]).argmin(axis=1)
         return genomes
 
+    def hardware_variants(self, design: Design) -> list[Design]:
+        """Every design of the space with the numerics of `design`: each array, dataflow and
+        buffer sizes (they share its accuracy, see Design.numerics_key)."""
+        choices = [getattr(self, n) for n in ARRAY_GENES]
+        return [
+            dataclasses.replace(design, **dict(zip(ARRAY_GENES, values, strict=True)))
+            for values in itertools.product(*choices)
+        ]
+
     def accelerator(self, design: Design) -> Accelerator:
         """The design's accelerator; IRError when the combination cannot exist (a buffer
         smaller than one stationary tile, say). Operand widths are left to the program, so
@@ -234,6 +244,7 @@ HARDWARE_GENES = (
     "input_bytes",
     "output_bytes",
 )
+ARRAY_GENES = ("rows", "cols", "dataflow", "weight_bytes", "input_bytes", "output_bytes")
 GENE_KEYS = {
     "weight_bits": ("precision", "weight_bits"),
     "act_bits": ("precision", "act_bits"),
