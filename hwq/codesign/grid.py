@@ -17,23 +17,24 @@ from __future__ import annotations
 import itertools
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from accel_sim.ir import IRError
-
 from ..results import write_json
 from .candidate import CandidateEvaluator
-from .cost import AreaModel, hardware_cost
 from .space import Design
+
+if TYPE_CHECKING:
+    from .run import Codesign
 
 GRID_FILE = "grid.json"
 GRID_DIR = "grid"
 
 
 def grid_designs(
-    run, weight_bits: tuple[int, ...] | None = None, act_bits: tuple[int, ...] | None = None
-) -> list[Design]:  # noqa: ANN001 - a run.Codesign (imports this module)
+    run: Codesign, weight_bits: tuple[int, ...] | None = None, act_bits: tuple[int, ...] | None = None
+) -> list[Design]:
     s = run.space
     return [
         Design(
@@ -69,31 +70,28 @@ def grid_order(designs: list[Design], seed: int) -> list[int]:
 
 
 def measure_grid(
-    run, seconds: float, seed: int = 0, designs: list[Design] | None = None
-) -> tuple[list[dict], int]:  # noqa: ANN001
+    run: Codesign, seconds: float, seed: int = 0, designs: list[Design] | None = None
+) -> tuple[list[dict], int]:
     """Grid points (`designs`, by default the whole grid), in grid_order, until `seconds`
     are spent; returns them and the grid's size."""
-    from .run import AREA_FILE, constraint_values, front_point
+    from .run import front_point, meets_constraints  # run imports this module
 
     designs = grid_designs(run) if designs is None else designs
     evaluator = CandidateEvaluator(run.settings)
-    area = AreaModel(run.dir / AREA_FILE)
     points, measured, start = [], {}, time.perf_counter()
     for i in grid_order(designs, seed):
         if time.perf_counter() - start > seconds:
             break
         design = designs[i]
-        try:
-            accelerator = run.space.accelerator(design)
-        except IRError:
+        cost, _ = run.cost(design)
+        if cost is None:  # cannot be built
             continue
-        cost = hardware_cost(run.reference, design, accelerator, area)
         key = design.numerics_key  # one accuracy per numerics, as the co-design run measures
         if key not in measured:
             measured[key] = evaluator.screen(design, str(run.dir / GRID_DIR / design.name))
         row = {**measured[key], "generation": -1, "index": i, "phase": "screen"}
-        meets = all(v <= 0 for v in constraint_values(run.space, True, cost, row["accuracy"]))
-        points.append({**front_point(design, row, cost), "feasible": meets})
+        feasible = meets_constraints(run.space, cost, row["accuracy"])
+        points.append({**front_point(design, row, cost), "feasible": feasible})
     return points, len(designs)
 
 

@@ -139,6 +139,11 @@ def constraint_values(space: Space, valid: bool, cost: HardwareCost | None, accu
     return values
 
 
+def meets_constraints(space: Space, cost: HardwareCost, accuracy: float) -> bool:
+    """A buildable design with this cost and accuracy is on the right side of every constraint."""
+    return all(v <= 0 for v in constraint_values(space, True, cost, accuracy))
+
+
 def hardware_violation(space: Space, cost: HardwareCost) -> str | None:
     for name, field in (
         ("max_area_um2", "area_um2"),
@@ -180,7 +185,10 @@ class Codesign:
         self.check_constraints_reachable()  # before the directory holds anything
         self.identity = self.record_settings(resume)
         self.area.keep_in(self.dir / AREA_FILE)
-        self.rows = {r["key"]: r for r in read_results(self.candidates_path)} if resume else {}
+        self.rows: dict[str, dict] = {}
+        self.first_of: dict[tuple[str, str], dict] = {}  # (phase, numerics_key): its first row
+        for row in read_results(self.candidates_path) if resume else []:
+            self.keep(row)
         self.pool = make_pool(self.settings, cfg.workers, cfg.ray_address, cfg.cpus_per_worker)
 
     @property
@@ -320,16 +328,17 @@ class Codesign:
 
     def append(self, row: dict) -> None:
         append_rows(self.candidates_path, [row])
+        self.keep(row)
+
+    def keep(self, row: dict) -> None:
         self.rows[row["key"]] = row
+        self.first_of.setdefault((row["phase"], design_from_json(row["design"]).numerics_key), row)
 
     def earlier(self, design: Design, phase: str) -> dict | None:
         """A finished row of the same phase whose design computes the same integers (same
         numerics_key): a design NSGA-II proposes again, or one that differs from it only
         in the array, dataflow or buffers, is not paid for again."""
-        for r in self.rows.values():
-            if r["phase"] == phase and design_from_json(r["design"]).numerics_key == design.numerics_key:
-                return r
-        return None
+        return self.first_of.get((phase, design.numerics_key))
 
     def reuse(self, again: dict, generation: int, index: int, phase: str, design: Design) -> None:
         key = row_key(generation, index, phase)
@@ -509,7 +518,7 @@ class Codesign:
     def evaluated_points(self) -> list[dict]:
         """Every numerics measured, at its final accuracy (fine-tuned where it was), on every
         array, dataflow and buffer sizes of the space that meet the constraints: accuracy
-        is the numerics' (Design.numerics_key) and a cost is a millisecond, so the front
+        is the numerics' (Design.numerics_key) and a cost needs no simulation, so the front
         holds the best hardware for each network, not only the hardware NSGA-II proposed.
         Per numerics, only the variants no other variant beats on the hardware objectives."""
         hardware = tuple(o for o in self.space.objectives if o != "accuracy")
@@ -518,9 +527,8 @@ class Codesign:
             variants = []
             for design in self.space.hardware_variants(design_from_json(row["design"])):
                 cost, why = self.cost(design)
-                if why is None and cost is not None:
-                    if all(v <= 0 for v in constraint_values(self.space, True, cost, row["accuracy"])):
-                        variants.append(front_point(design, row, cost))
+                if why is None and cost is not None and meets_constraints(self.space, cost, row["accuracy"]):
+                    variants.append(front_point(design, row, cost))
             points += non_dominated(variants, hardware) if hardware else variants
         return points
 
