@@ -8,6 +8,7 @@ first convolution, so that the integer program's input is the raw image itself.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,7 +97,7 @@ class Normalize(nn.Module):
         self.register_buffer("std", torch.tensor(CIFAR_STD).view(1, 3, 1, 1) * 255, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.float() - self.mean) / self.std
+        return (x.to(self.mean.dtype) - self.mean) / self.std
 
 
 class SubtractZeroPoint(nn.Module):
@@ -108,7 +109,7 @@ class SubtractZeroPoint(nn.Module):
         self.register_buffer("zero_point", zp, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.float() - self.zero_point
+        return x.to(self.zero_point.dtype) - self.zero_point
 
 
 class ShortcutA(nn.Module):
@@ -367,11 +368,28 @@ def quantize_model(
     return qmodel.eval()
 
 
+def float64_copy(model: ResNetCifar) -> ResNetCifar:
+    """The network in float64, for floats that become integers (distillation targets).
+
+    float32 convolutions round differently on different CPUs (oneDNN picks AVX2 or AVX-512
+    kernels, summing in another order), and a logit or a scale that rounds to another
+    integer sends a seeded search down another path. float64's error is some 2**29 times
+    smaller, so the integers are the same on any machine.
+    """
+    return copy.deepcopy(model).double().eval()
+
+
 def calibrate(qmodel: ResNetCifar, images: torch.Tensor, batch_size: int = 256) -> None:
-    """Set every activation scale from statistics on `images` (Brevitas calibration mode)."""
+    """Set every activation scale from statistics on `images` (Brevitas calibration mode).
+
+    The statistics are taken in float64 (see `float64_copy`) and the model returns to
+    float32: each scale is then the float32 rounding of a float64 value, the same on any
+    machine, where float32 statistics differed in the last bit between CPUs and moved
+    requantization offsets by up to 12 LSB."""
     from brevitas.graph.calibrate import calibration_mode
 
+    qmodel.double()
     with torch.no_grad(), calibration_mode(qmodel):
         for batch in images.split(batch_size):
             qmodel(batch)
-    qmodel.eval()
+    qmodel.float().eval()

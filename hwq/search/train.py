@@ -35,7 +35,7 @@ from ..data import load_split
 from ..outdir import DirectoryLock
 from ..quant.evaluate import prepare
 from ..quant.lower import weight_positions
-from ..quant.model import QuantConfig, file_sha256
+from ..quant.model import QuantConfig, file_sha256, float64_copy
 from ..results import write_json
 from . import FITNESS_MODES, rundir
 from .cceda import CCEDA, EDAConfig
@@ -257,7 +257,7 @@ class _Run:
             cfg.accumulator(),
             cfg.mult_bits,
         )
-        self.float_model = prepared.float_model
+        self.float_model = float64_copy(prepared.float_model)
         fitness_pool = len(self.train) - cfg.confirm_images
         if cfg.max_fitness_images is not None and cfg.max_fitness_images > fitness_pool:
             raise HwqError(
