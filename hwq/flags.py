@@ -20,6 +20,7 @@ from .outdir import output_file_problem
 from .quant import DEFAULT_CALIBRATION_IMAGES, DEFAULT_MULT_BITS
 
 if TYPE_CHECKING:
+    from .quant.accumulator_fit import AccumulatorFit
     from .quant.model import QuantConfig
 
 # ----- argparse types: a bad value is refused while parsing, naming the flag and the value
@@ -145,6 +146,37 @@ def add_accumulator_flags(p: argparse.ArgumentParser) -> None:
         "--acc-bits", type=int, help="accumulator width (default: the program's, 32 when lowering)"
     )
     p.add_argument("--overflow", choices=("wrap", "saturate"), help="accumulator overflow mode")
+
+
+def fit_quantile(text: str) -> float:
+    """A quantile in [0.5, 1] of the measured accumulator magnitudes (--fit-accumulator)."""
+    value = _number(text, float)
+    if not 0.5 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{value:g} is not between 0.5 and 1")
+    return value
+
+
+def add_fit_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--fit-accumulator",
+        type=fit_quantile,
+        nargs="?",
+        const=1.0,
+        metavar="QUANTILE",
+        help="calibrate so that each layer's measured sums on the calibration images (their "
+        "QUANTILE, default the largest) fit --acc-bits (docs/training.md, narrow accumulators)",
+    )
+
+
+def accumulator_fit(quantile: float | None, accumulator: Accumulator | None) -> AccumulatorFit | None:
+    """The fit a command asked for; it needs a narrow accumulator to aim at."""
+    if quantile is None:
+        return None
+    if accumulator is None:
+        raise HwqError("--fit-accumulator needs the target accumulator (--acc-bits, or a --hw file)")
+    from .quant.accumulator_fit import AccumulatorFit
+
+    return AccumulatorFit(accumulator, quantile)
 
 
 def quant_config(args: argparse.Namespace) -> QuantConfig:

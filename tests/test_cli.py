@@ -148,6 +148,26 @@ def test_bad_inputs_give_one_line_errors(workspace, capsys, tmp_path):
         "not a readable IR file": ["--ir", str(tampered), "--data", data],
         "exactly one of --checkpoint or --ir": ["--data", data],
         "needs --checkpoint": ["--ir", str(tampered), "--mode", "float", "--data", data],
+        "--fit-accumulator needs the target accumulator": [
+            "--checkpoint",
+            checkpoint,
+            *q,
+            "--data",
+            data,
+            "--fit-accumulator",
+        ],
+        "an IR file is already lowered": ["--ir", str(tampered), "--data", data, "--fit-accumulator"],
+        "0.3 is not between 0.5 and 1": [
+            "--checkpoint",
+            checkpoint,
+            *q,
+            "--data",
+            data,
+            "--acc-bits",
+            "12",
+            "--fit-accumulator",
+            "0.3",
+        ],
     }
     for message, args in cases.items():
         err = one_line_error(capsys, *args)

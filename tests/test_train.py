@@ -524,6 +524,8 @@ def all_features(workspace, out: str, budget: int) -> TrainConfig:
         grow_below=1.0,
         patience_evals=36,
         confirm_images=16,
+        accumulator_bits=12,
+        fit_accumulator=1.0,
     )
     eda = EDAConfig(population=4, selected=2, group_size=64, widen_after=1, widen_below=0.99)
     return TrainConfig(**{**cfg.__dict__, "eda": eda, "max_fitness_images": 64, "eval_every": 1})
@@ -542,6 +544,8 @@ def test_every_feature_acts_in_the_tiny_run(featured):
     draws = [d for d in log if d["generation"] > 1 and (d["generation"] - 1) % 3 == 0]
     assert all("fresh_gain" in d for d in draws if d["fitness_images"] < 64) and draws
     assert summary["weights_widened"] > 0
+    fit = load_program(Path(summary["final_ir"]).parent / "initial.ir").meta["accumulator_fit"]
+    assert fit["bits"] == 12 and max(fit["sums_divided_by"].values()) > 1, "the scales were fitted"
     assert summary["stopped"] in ("budget", "patience") and summary["complete"]
     confirmation = summary["confirmation"]
     assert confirmation["tested"] > confirmation["held"] > 0, "some winners fail on fresh images"

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from .. import HwqError
 from ..data import DEFAULT_SPLIT_SEED, DEFAULT_VAL_FRACTION
-from ..flags import add_accumulator_flags, add_model_flags
+from ..flags import add_accumulator_flags, add_fit_flag, add_model_flags
 from ..results import percent
 from . import DEFAULT_LEARNED_ROUND_ITERS, METHODS
 
@@ -54,6 +54,7 @@ def baseline_config(args: argparse.Namespace) -> BaselineConfig:
         batch_size=args.batch_size,
         weight_decay=args.weight_decay,
         calibration_images=args.calibration_images,
+        fit_accumulator=args.fit_accumulator,
         val_fraction=args.val_fraction,
         split_seed=args.split_seed,
         **target_settings(args),
@@ -89,6 +90,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--hw", help="accelerator TOML (examples/*.toml): its operand widths and accumulator are the target's"
     )
     add_accumulator_flags(p)
+    add_fit_flag(p)
     p.add_argument("--seed", type=int, default=0, help="seed of data order, augmentation and sampling")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--epochs", type=int, help="qat/a2q/a2q-plus: epochs over the train split")

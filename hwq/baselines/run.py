@@ -26,6 +26,7 @@ from accel_sim.ir import Accumulator, Program, save_program
 
 from .. import HwqError, __version__
 from ..data import DEFAULT_SPLIT_SEED, DEFAULT_VAL_FRACTION, Dataset, load_split
+from ..flags import accumulator_fit
 from ..quant import DEFAULT_CALIBRATION_IMAGES, DEFAULT_MULT_BITS
 from ..quant.evaluate import ModeResult, Prepared, evaluate_model, evaluate_program, prepare
 from ..quant.lower import lower
@@ -64,6 +65,7 @@ class BaselineConfig:
     batch_size: int | None = None
     weight_decay: float | None = None
     calibration_images: int = DEFAULT_CALIBRATION_IMAGES
+    fit_accumulator: float | None = None  # quantile of measured sums fitted to the accumulator
     val_fraction: float = DEFAULT_VAL_FRACTION
     split_seed: int = DEFAULT_SPLIT_SEED
 
@@ -227,6 +229,7 @@ def run_baseline(cfg: BaselineConfig) -> dict:
         cfg.split_seed,
         cfg.accumulator(),
         cfg.mult_bits,
+        accumulator_fit(cfg.fit_accumulator, cfg.accumulator()),
     )
     train = load_split(cfg.data, "train", cfg.val_fraction, cfg.split_seed)
     val = load_split(cfg.data, "val", cfg.val_fraction, cfg.split_seed)

@@ -5,14 +5,16 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from accel_sim.ir import load_program, program_digest, save_program
+from accel_sim.ir import Accumulator, load_program, program_digest, save_program
 
 from .. import HwqError, __version__
 from ..data import load_split
 from ..flags import (
+    accumulator_fit,
     accumulator_override,
     add_accumulator_flags,
     add_data_flags,
+    add_fit_flag,
     add_model_flags,
     output_file,
     positive_int,
@@ -44,8 +46,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     prepared = None
     if args.ir:
+        if args.fit_accumulator is not None:
+            raise HwqError("--fit-accumulator calibrates a --checkpoint; an IR file is already lowered")
         program = load_program(args.ir)
     else:
+        target = None if args.acc_bits is None else accumulator_override(args, Accumulator())
         prepared = prepare(
             args.checkpoint,
             quant_config(args),
@@ -54,6 +59,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
             args.val_fraction,
             args.split_seed,
             mult_bits=args.mult_bits,
+            fit=accumulator_fit(args.fit_accumulator, target),
         )
         program = prepared.program
     program = program.with_accumulator(accumulator_override(args, program.accumulator))
@@ -134,6 +140,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_flags(p)
     add_data_flags(p)
     add_accumulator_flags(p)
+    add_fit_flag(p)
     p.add_argument("--mode", choices=(*MODES, "all"), default="all")
     p.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH, help="images per forward pass")
     p.add_argument("--device", default="cpu", help="torch device for accel_sim (cpu, cuda)")

@@ -19,6 +19,7 @@ from accel_sim.ir import Accumulator, Program
 
 from ..data import Dataset, load_split
 from . import DEFAULT_BATCH, DEFAULT_CALIBRATION_IMAGES
+from .accumulator_fit import AccumulatorFit, fit_accumulator
 from .lower import lower
 from .model import QuantConfig, ResNetCifar, calibrate, load_float_model, quantize_model
 
@@ -180,14 +181,23 @@ def prepare(
     split_seed: int = 0,
     accumulator: Accumulator | None = None,
     mult_bits: int = 16,
+    fit: AccumulatorFit | None = None,
 ) -> Prepared:
-    """Load a float checkpoint, quantize and calibrate it, and lower it to an IR program."""
+    """Load a float checkpoint, quantize and calibrate it, and lower it to an IR program;
+    with `fit`, calibrated for the measured sums to fit that accumulator (accumulator_fit)."""
     cfg.validate()
     float_model = load_float_model(checkpoint)
     calib = load_split(data, "train", val_fraction, split_seed).images[:calibration_images]
     qmodel = quantize_model(float_model, cfg)
     calibrate(qmodel, calib)
+    ratios = None if fit is None else fit_accumulator(qmodel, cfg, calib, fit, mult_bits)
     program = lower(qmodel, cfg, accumulator=accumulator, mult_bits=mult_bits)
+    if fit is not None:
+        program.meta["accumulator_fit"] = {
+            "bits": fit.accumulator.bits,
+            "quantile": fit.quantile,
+            "sums_divided_by": {name: round(r, 4) for name, r in ratios.items()},
+        }
     program.meta["checkpoint_sha256"] = float_model.checkpoint_sha256
     program.meta["calibration"] = {
         "split": "train",

@@ -11,6 +11,7 @@ from accel_sim.hardware import load_accelerator, toml_key
 from .. import HwqError
 from ..flags import (
     MULT_BITS,
+    add_fit_flag,
     nonnegative_int,
     open_fraction,
     positive_float,
@@ -259,6 +260,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument(
         "--calibration-images", type=positive_int, help="images to calibrate activations (default 512)"
     )
+    add_fit_flag(r)
     r.add_argument("--device", help="torch device of the evaluator (default cpu)")
     r.add_argument("--compile", action="store_true", default=None, help="fuse requant with torch.compile")
     d = p.add_argument_group("distributed (docs/distributed.md; pip install 'hwq[distributed]')")

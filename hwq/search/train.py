@@ -32,6 +32,7 @@ from accel_sim.ir import MAX_MULT_BITS, WEIGHT, Accumulator, ParamKey, Program, 
 
 from .. import HwqError, __version__
 from ..data import load_split
+from ..flags import accumulator_fit
 from ..outdir import DirectoryLock
 from ..quant.evaluate import prepare
 from ..quant.lower import weight_positions
@@ -90,6 +91,7 @@ RUN_DEFINING = (
     "val_fraction",
     "split_seed",
     "calibration_images",
+    "fit_accumulator",
     "layers",
     "search",
     "init_ir",
@@ -137,6 +139,7 @@ class TrainConfig:
     val_fraction: float = 0.2
     split_seed: int = 0
     calibration_images: int = 512
+    fit_accumulator: float | None = None  # quantile of measured sums fitted to the accumulator
     layers: tuple[str, ...] | None = None
     search: tuple[str, ...] = ("weights",)  # hwq.search.space.SEARCHABLE: weights, bias, mult
     init_ir: str | None = None  # start from this integer program instead of round-to-nearest
@@ -256,6 +259,7 @@ class _Run:
             cfg.split_seed,
             cfg.accumulator(),
             cfg.mult_bits,
+            accumulator_fit(cfg.fit_accumulator, cfg.accumulator()),
         )
         self.float_model = float64_copy(prepared.float_model)
         fitness_pool = len(self.train) - cfg.confirm_images
