@@ -32,10 +32,10 @@ from accel_sim.ir import Accumulator, Conv2d, Program, Requant, TensorSpec
 from accel_sim.timing import tile_compute_cycles
 from hwq import HwqError
 
-from .sim import DEFAULT_BUILD_ROOT, OFFSET_BITS, SHIFT_BITS, ArrayConfig, run_job
+from .sim import DEFAULT_BUILD_ROOT, ArrayConfig, run_job
+from .tiles import RtlResult, decode, tile_job, tile_position
 
 IDENTITY_OUT_BITS = 32
-SETTINGS = ("acc_init", "mult", "res_mult", "res_shift", "shift", "offset", "zero_point", "res_in")
 ROW_PRINT_THRESHOLD = 48
 
 
@@ -76,9 +76,10 @@ class Gemm:
     def k(self) -> int:
         return self.acts.shape[1]
 
-    def config(self, rows: int, cols: int) -> ArrayConfig:
+    def config(self, rows: int, cols: int, dataflow: str = "os") -> ArrayConfig:
         """The RTL build that computes this layer on a rows x cols array."""
         return ArrayConfig(
+            dataflow=dataflow,
             rows=rows,
             cols=cols,
             weight_bits=self.weight_bits,
@@ -103,18 +104,6 @@ class Gemm:
             expected_y=self.expected_y[part],
             expected_acc=acc,
         )
-
-
-@dataclass
-class RtlResult:
-    """What the RTL produced for a GEMM, and how many cycles each tile took."""
-
-    acc: np.ndarray  # (M, N)
-    acc_count: np.ndarray  # (M, N) how many times the RTL emitted each accumulator
-    y: np.ndarray
-    y_count: np.ndarray
-    acc_cycles: list[int]  # per tile: first input to last accumulator leaving the array
-    y_cycles: list[int]  # per tile: first input to last requantized output
 
 
 @dataclass
@@ -158,7 +147,8 @@ class LayerReport:
             "requant_latency",
             "total_cycles",
         )
-        return {"rows": self.config.rows, "cols": self.config.cols} | {f: getattr(self, f) for f in fields}
+        array = {"rows": self.config.rows, "cols": self.config.cols, "dataflow": self.config.dataflow}
+        return array | {f: getattr(self, f) for f in fields}
 
 
 # ---------------------------------------------------------------------------------------
@@ -356,101 +346,15 @@ def program_gemm(program: Program, images: torch.Tensor, layer: str) -> Gemm:
     return layer_gemm(program, op, activations)
 
 
-# ---------------------------------------------------------------------------------------
-# Tiles in, recording out
-
-
-def pack(values: np.ndarray, bits: int) -> int:
-    """Lane i of the bus holds values[i] in two's complement, lane 0 in the low bits."""
-    mask, word = (1 << bits) - 1, 0
-    for i, v in enumerate(np.asarray(values).ravel().tolist()):
-        word |= (v & mask) << (i * bits)
-    return word
-
-
-def lane(word: int, index: int, bits: int, signed: bool) -> int:
-    v = (word >> (index * bits)) & ((1 << bits) - 1)
-    return v - (1 << bits) if signed and v >> (bits - 1) else v
-
-
-def tile_origins(gemm: Gemm, config: ArrayConfig) -> list[tuple[int, int]]:
-    """(first row, first column) of each tile: output channels outer, pixels inner."""
-    return [(m0, n0) for n0 in range(0, gemm.n, config.cols) for m0 in range(0, gemm.m, config.rows)]
-
-
-def padded(block: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Zero-fill an edge tile to the full array (the extra rows and columns are ignored)."""
-    out = np.zeros(shape, dtype=np.int64)
-    out[tuple(slice(0, s) for s in block.shape)] = block
-    return out
-
-
-def tile_job(gemm: Gemm, config: ArrayConfig) -> dict:
-    """The testbench's input: every bus value of every tile, packed."""
-    r, c = config.rows, config.cols
-    tiles = []
-    for m0, n0 in tile_origins(gemm, config):
-        rows, cols = slice(m0, m0 + r), slice(n0, n0 + c)
-        acts = padded(gemm.acts[rows], (r, gemm.k))
-        weights = padded(gemm.weights[cols], (c, gemm.k))
-        lanes = {
-            "acc_init": (gemm.acc_init, config.acc_bits),
-            "mult": (gemm.mult, config.mult_bits),
-            "res_mult": (gemm.res_mult, config.mult_bits),
-            "res_shift": (gemm.res_shift, SHIFT_BITS),
-            "shift": (gemm.shift, SHIFT_BITS),
-            "offset": (gemm.offset, OFFSET_BITS),
-            "zero_point": (gemm.zero_point, config.out_bits + 1),
-        }
-        settings = {name: pack(padded(values[cols], (c,)), bits) for name, (values, bits) in lanes.items()}
-        settings["res_in"] = pack(padded(gemm.residual[rows, cols], (r, c)), config.res_bits)
-        tiles.append(
-            {
-                "settings": settings,
-                "act": [pack(acts[:, t], config.act_bits) for t in range(gemm.k)],
-                "wgt": [pack(weights[:, t], config.weight_bits) for t in range(gemm.k)],
-            }
-        )
-    return {
-        "settings": list(SETTINGS),
-        "tiles": tiles,
-        "outputs_per_tile": r * c,
-        "timeout_cycles": gemm.k + 4 * (r + c) + 16,
-    }
-
-
-def decode(recording: dict, gemm: Gemm, config: ArrayConfig) -> RtlResult:
-    """Place every recorded output at its (m, n); count emissions; time each tile."""
-    shape = (gemm.m, gemm.n)
-    out = {key: (np.zeros(shape, dtype=np.int64), np.zeros(shape, dtype=np.int64)) for key in ("acc", "y")}
-    widths = {"acc": (config.acc_bits, True), "y": (config.out_bits, config.out_signed)}
-    cycles: dict[str, list[int]] = {"acc": [], "y": []}
-    for (m0, n0), tile in zip(tile_origins(gemm, config), recording["tiles"], strict=True):
-        for key, (values, counts) in out.items():
-            bits, signed = widths[key]
-            for _edge, mask, rows, data in tile[key]:
-                for c in range(config.cols):
-                    if not mask >> c & 1:
-                        continue
-                    m, n = m0 + lane(rows, c, config.row_bits, False), n0 + c
-                    if m < gemm.m and n < gemm.n:
-                        values[m, n] = lane(data, c, bits, signed)
-                        counts[m, n] += 1
-            cycles[key].append(tile[key][-1][0] + 1 if tile[key] else 0)
-    return RtlResult(
-        acc=out["acc"][0],
-        acc_count=out["acc"][1],
-        y=out["y"][0],
-        y_count=out["y"][1],
-        acc_cycles=cycles["acc"],
-        y_cycles=cycles["y"],
-    )
-
-
 def run_gemm(
-    gemm: Gemm, rows: int, cols: int, simulator: str, build_root: Path = DEFAULT_BUILD_ROOT
+    gemm: Gemm,
+    rows: int,
+    cols: int,
+    simulator: str,
+    build_root: Path = DEFAULT_BUILD_ROOT,
+    dataflow: str = "os",
 ) -> RtlResult:
-    config = gemm.config(rows, cols)
+    config = gemm.config(rows, cols, dataflow)
     return decode(run_job(tile_job(gemm, config), config, simulator, build_root), gemm, config)
 
 
@@ -470,12 +374,10 @@ def describe(
     """The first mismatch: where it is, both values and every input that produced it."""
     images, _, h, w = gemm.out_shape
     image, pixel = divmod(m, h * w)
-    tile = tile_origins(gemm, config).index((m - m % config.rows, n - n % config.cols))
     rtl = f"RTL {got}" if count == 1 else f"RTL emitted it {count} times"
     return (
         f"{gemm.name}: {stage} mismatch at output (image {image}, channel {n}, y {pixel // w}, "
-        f"x {pixel % w}), GEMM element (m={m}, n={n}), tile {tile} "
-        f"(array row {m % config.rows}, column {n % config.cols}): "
+        f"x {pixel % w}), GEMM element (m={m}, n={n}), {tile_position(gemm, config, m, n)}: "
         f"{rtl}, accel_sim {want}. Inputs: activation row acts[{m}] = {operand_row(gemm.acts[m])}; "
         f"weight row weights[{n}] = {operand_row(gemm.weights[n])}; acc_init {gemm.acc_init[n]} "
         f"({gemm.accumulator.bits}-bit {gemm.accumulator.overflow}); requant mult {gemm.mult[n]} "
@@ -500,12 +402,22 @@ def first_mismatch(gemm: Gemm, result: RtlResult, config: ArrayConfig) -> str | 
     return None
 
 
+def temporal(gemm: Gemm, dataflow: str) -> int:
+    """What a tile streams in time: the reduction (os) or the output pixels (ws)."""
+    return gemm.k if dataflow == "os" else gemm.m
+
+
 def verify_gemm(
-    gemm: Gemm, rows: int, cols: int, simulator: str, build_root: Path = DEFAULT_BUILD_ROOT
+    gemm: Gemm,
+    rows: int,
+    cols: int,
+    simulator: str,
+    build_root: Path = DEFAULT_BUILD_ROOT,
+    dataflow: str = "os",
 ) -> LayerReport:
     """Run the GEMM's tiles on the RTL and compare with accel_sim, bit for bit and cycle for cycle."""
-    config = gemm.config(rows, cols)
-    result = run_gemm(gemm, rows, cols, simulator, build_root)
+    config = gemm.config(rows, cols, dataflow)
+    result = run_gemm(gemm, rows, cols, simulator, build_root, dataflow)
     return LayerReport(
         name=gemm.name,
         simulator=simulator,
@@ -516,7 +428,7 @@ def verify_gemm(
         tiles=len(result.acc_cycles),
         mismatch=first_mismatch(gemm, result, config),
         rtl_tile_cycles=sorted(set(result.acc_cycles)),
-        formula_tile_cycles=tile_compute_cycles(rows, cols, gemm.k),
+        formula_tile_cycles=tile_compute_cycles(rows, cols, temporal(gemm, dataflow), dataflow),
         requant_latency=max(y - a for y, a in zip(result.y_cycles, result.acc_cycles, strict=True)),
         total_cycles=sum(result.y_cycles),
     )
@@ -531,6 +443,7 @@ def verify_program(
     simulator: str,
     build_root: Path = DEFAULT_BUILD_ROOT,
     pixels: int | None = None,
+    dataflow: str = "os",
 ) -> list[LayerReport]:
     """Each conv layer in `layers`, fed the input accel_sim computed for it, on the RTL.
 
@@ -541,5 +454,6 @@ def verify_program(
     reports = []
     for op in ops:
         gemm = layer_gemm(program, op, activations)
-        reports.append(verify_gemm(gemm.rows_of(0, pixels or gemm.m), rows, cols, simulator, build_root))
+        part = gemm.rows_of(0, pixels or gemm.m)
+        reports.append(verify_gemm(part, rows, cols, simulator, build_root, dataflow))
     return reports

@@ -41,12 +41,22 @@ from accel_sim.ir import (
 from hwq import HwqError
 
 SIMULATORS = ("icarus", "verilator")
-TOPLEVEL = "mac_tile"
+TOPLEVELS = {"os": "mac_tile", "ws": "ws_mac_tile"}
 TESTBENCH = "rtl_models.testbench"
 VERILOG_DIR = Path(__file__).resolve().parent / "verilog"
 SOURCES = tuple(
     VERILOG_DIR / f"{name}.v"
-    for name in ("delay_line", "clamp", "mac_pe", "mac_array", "requant", "mac_tile")
+    for name in (
+        "delay_line",
+        "clamp",
+        "requant",
+        "mac_pe",
+        "mac_array",
+        "mac_tile",
+        "ws_mac_pe",
+        "ws_mac_array",
+        "ws_mac_tile",
+    )
 )
 DEFAULT_BUILD_ROOT = Path("sim_build")
 MAX_ARRAY_SIDE = 64
@@ -70,6 +80,11 @@ class ArrayConfig:
     res_bits: int = 9
     out_bits: int = 8
     out_signed: bool = False
+    dataflow: str = "os"
+
+    @property
+    def toplevel(self) -> str:
+        return TOPLEVELS[self.dataflow]
 
     def validate(self) -> None:
         checks = [
@@ -88,6 +103,10 @@ class ArrayConfig:
             (
                 MIN_ACC_BITS <= self.acc_bits <= MAX_ACC_BITS,
                 f"accumulator bits {self.acc_bits} out of range [{MIN_ACC_BITS}, {MAX_ACC_BITS}]",
+            ),
+            (
+                self.dataflow in TOPLEVELS,
+                f"dataflow {self.dataflow!r} has no RTL (one of {tuple(TOPLEVELS)})",
             ),
             (self.overflow in OVERFLOW_MODES, f"overflow mode {self.overflow!r} not in {OVERFLOW_MODES}"),
             (
@@ -109,10 +128,15 @@ class ArrayConfig:
         return max(1, (self.rows - 1).bit_length())
 
     @property
+    def dataflow_prefix(self) -> str:
+        """Build names of os arrays predate the ws array and stay as they were."""
+        return "" if self.dataflow == "os" else f"{self.dataflow}_"
+
+    @property
     def name(self) -> str:
         sign = {False: "u", True: "s"}
         return (
-            f"r{self.rows}c{self.cols}_w{self.weight_bits}a{self.act_bits}{sign[self.act_signed]}"
+            f"{self.dataflow_prefix}r{self.rows}c{self.cols}_w{self.weight_bits}a{self.act_bits}{sign[self.act_signed]}"
             f"_acc{self.acc_bits}{self.overflow}_m{self.mult_bits}r{self.res_bits}"
             f"_o{self.out_bits}{sign[self.out_signed]}"
         )
@@ -220,7 +244,7 @@ def build(config: ArrayConfig, simulator: str, build_root: Path = DEFAULT_BUILD_
         with verilator_environment() if simulator == "verilator" else nullcontext():
             runner.build(
                 sources=list(SOURCES),
-                hdl_toplevel=TOPLEVEL,
+                hdl_toplevel=config.toplevel,
                 parameters=config.parameters(),
                 build_dir=build_dir,
                 timescale=("1ns", "1ps"),
@@ -245,7 +269,7 @@ def run_job(job: dict, config: ArrayConfig, simulator: str, build_root: Path = D
     try:
         results = runner.test(
             test_module=TESTBENCH,
-            hdl_toplevel=TOPLEVEL,
+            hdl_toplevel=config.toplevel,
             hdl_toplevel_lang="verilog",
             build_dir=build_dir,
             test_dir=run_dir,

@@ -30,6 +30,7 @@ from . import reference_datapath as reference
 from .helpers import calibration_images, program_for, write_cifar_batches
 
 BUILD_ROOT = Path(__file__).resolve().parents[1] / "sim_build"
+DATAFLOWS = ("os", "ws")
 REAL_LAYERS = ("conv1", "layer2.0.conv2", "layer3.2.conv2")  # zero-point padding; option-A shortcut; deepest
 
 
@@ -111,17 +112,22 @@ def assert_covers_overflow_and_clamps(gemm: cosim.Gemm) -> None:
     assert {gemm.out.qmin, gemm.out.qmax} <= set(gemm.expected_y.ravel().tolist())
 
 
-def assert_matches(gemm: cosim.Gemm, result: cosim.RtlResult, rows: int, cols: int) -> None:
-    mismatch = cosim.first_mismatch(gemm, result, gemm.config(rows, cols))
+def assert_matches(
+    gemm: cosim.Gemm, result: cosim.RtlResult, rows: int, cols: int, dataflow: str = "os"
+) -> None:
+    mismatch = cosim.first_mismatch(gemm, result, gemm.config(rows, cols, dataflow))
     assert mismatch is None, mismatch
 
 
+@pytest.mark.parametrize("dataflow", DATAFLOWS)
 @pytest.mark.parametrize("case", EXTREME_CASES.values(), ids=EXTREME_CASES.keys())
-def test_extreme_operands_and_overflow_match_accel_sim(case, simulator):
+def test_extreme_operands_and_overflow_match_accel_sim(case, dataflow, simulator):
+    """ws: K = 48 on 3 or 4 rows is 12 to 16 reduction folds, each fold's partial sums
+    coming back into the array, with sums that saturate and come back in between."""
     gemm = extreme_gemm(case, m=2 * case.rows + 1, n=case.cols + 2, k=48)
     assert_covers_overflow_and_clamps(gemm)
-    result = cosim.run_gemm(gemm, case.rows, case.cols, simulator, BUILD_ROOT)
-    assert_matches(gemm, result, case.rows, case.cols)
+    result = cosim.run_gemm(gemm, case.rows, case.cols, simulator, BUILD_ROOT, dataflow)
+    assert_matches(gemm, result, case.rows, case.cols, dataflow)
 
 
 UNUSUAL_WIDTHS = {  # the ends of every parameter range; Icarus builds them in a second
@@ -135,14 +141,16 @@ UNUSUAL_WIDTHS = {  # the ends of every parameter range; Icarus builds them in a
 }
 
 
+@pytest.mark.parametrize("dataflow", DATAFLOWS)
 @pytest.mark.parametrize("case", UNUSUAL_WIDTHS.values(), ids=UNUSUAL_WIDTHS.keys())
-def test_unusual_widths_match_accel_sim_on_icarus(case):
+def test_unusual_widths_match_accel_sim_on_icarus(case, dataflow):
     if sim.missing("icarus"):
         pytest.skip(sim.missing("icarus"))
     gemm = extreme_gemm(case, m=2 * case.rows + 1, n=case.cols + 2, k=33)
-    result = cosim.run_gemm(gemm, case.rows, case.cols, "icarus", BUILD_ROOT)
-    assert_matches(gemm, result, case.rows, case.cols)
-    assert result.acc_cycles[0] == tile_compute_cycles(case.rows, case.cols, 33)
+    result = cosim.run_gemm(gemm, case.rows, case.cols, "icarus", BUILD_ROOT, dataflow)
+    assert_matches(gemm, result, case.rows, case.cols, dataflow)
+    temporal = cosim.temporal(gemm, dataflow)
+    assert result.acc_cycles[0] == tile_compute_cycles(case.rows, case.cols, temporal, dataflow)
 
 
 @pytest.mark.parametrize("case", EXTREME_CASES.values(), ids=EXTREME_CASES.keys())
@@ -155,6 +163,19 @@ def test_tile_cycles_equal_accel_sim_formula(case, simulator):
         assert result.acc_cycles == [formula], f"{case.rows}x{case.cols}, K={k}: RTL {result.acc_cycles[0]}"
 
 
+@pytest.mark.parametrize("case", EXTREME_CASES.values(), ids=EXTREME_CASES.keys())
+def test_ws_tile_cycles_equal_accel_sim_formula(case, simulator):
+    """A ws tile streams the layer's pixels: T + 2R + C - 2 for every reduction fold, the
+    folds back to back, and the sums requantized only after the last one."""
+    for m, k in ((1, 1), (3, 2 * case.rows), (17, 2 * case.rows + 1)):
+        gemm = extreme_gemm(case, m=max(m, 3), n=case.cols, k=k, seed=k).rows_of(0, m)
+        result = cosim.run_gemm(gemm, case.rows, case.cols, simulator, BUILD_ROOT, "ws")
+        assert_matches(gemm, result, case.rows, case.cols, "ws")
+        folds = -(-k // case.rows)
+        assert result.acc_cycles == [tile_compute_cycles(case.rows, case.cols, m, "ws")] * folds, (m, k)
+        assert result.y_cycles[-1] == result.acc_cycles[-1] + 2, "requantized 2 cycles after the last fold"
+
+
 @pytest.mark.parametrize(
     "rows,cols,accumulator",
     [
@@ -162,12 +183,15 @@ def test_tile_cycles_equal_accel_sim_formula(case, simulator):
         pytest.param(8, 8, Accumulator(32, "wrap"), id="8x8-acc32wrap", marks=pytest.mark.slow),
     ],
 )
-def test_real_resnet_tiles_match_accel_sim(rows, cols, accumulator, simulator):
+@pytest.mark.parametrize("dataflow", DATAFLOWS)
+def test_real_resnet_tiles_match_accel_sim(rows, cols, accumulator, dataflow, simulator):
     program = program_for(QuantConfig(4, 8)).with_accumulator(accumulator)
     assert program.tensors[program.input].zero_point != (0,)
     assert program.op("layer2.0.conv2").requant.residual.channel_pad != (0, 0)
     image, layers = calibration_images()[:1], list(REAL_LAYERS)
-    reports = cosim.verify_program(program, image, layers, rows, cols, simulator, BUILD_ROOT, pixels=rows)
+    reports = cosim.verify_program(
+        program, image, layers, rows, cols, simulator, BUILD_ROOT, pixels=rows, dataflow=dataflow
+    )
     for report in reports:
         assert report.match, report.mismatch
         assert report.cycles_match, (report.name, report.rtl_tile_cycles, report.formula_tile_cycles)
