@@ -28,9 +28,12 @@ from hwq.results import write_csv
 from .sim import SOURCES, ArrayConfig
 
 FLAVOURS = {"generic": "synth -flatten -top {top}", "ice40": "synth_ice40 -top {top}"}
+ARRAY_PARAMETERS = ("ROWS", "COLS", "WEIGHT_BITS", "ACT_BITS", "ACT_SIGNED", "ACC_BITS", "SATURATE")
 TOPS = {
-    "mac_array": ("ROWS", "COLS", "WEIGHT_BITS", "ACT_BITS", "ACT_SIGNED", "ACC_BITS", "SATURATE"),
+    "mac_array": ARRAY_PARAMETERS,
     "mac_tile": tuple(ArrayConfig().parameters()),
+    "ws_mac_array": ARRAY_PARAMETERS,
+    "ws_mac_tile": tuple(ArrayConfig().parameters()),
 }
 # Yosys' generic gates as 45 nm standard cells: the X1 cell areas of the NanGate FreePDK45
 # Open Cell Library (um^2). ANDNOT/ORNOT map to a 2-input gate with an inverted input, the
@@ -177,7 +180,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--top",
         choices=tuple(TOPS),
         default="mac_array",
-        help="mac_array (the MAC array) or mac_tile (with the requantization lanes)",
+        help="mac_array (the output-stationary MAC array), mac_tile (with the requantization lanes), "
+        "ws_mac_array / ws_mac_tile (the weight-stationary ones)",
     )
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="Yosys runs in parallel")
     return p.parse_args(argv)

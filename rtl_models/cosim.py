@@ -223,14 +223,21 @@ def raw_accumulators(program: Program, op: Conv2d, x: torch.Tensor) -> np.ndarra
     return acc.transpose(1, 2).reshape(-1, op.out_channels).numpy()
 
 
-def layer_gemm(program: Program, op: Conv2d, activations: dict[str, torch.Tensor]) -> Gemm:
-    """The GEMM of conv `op`, from the tensors a FunctionalSim run of `program` recorded.
+def layer_gemm(
+    program: Program,
+    op: Conv2d,
+    activations: dict[str, torch.Tensor],
+    expected: dict[str, torch.Tensor] | None = None,
+) -> Gemm:
+    """The GEMM of conv `op` on the input tensors `activations`, and accel_sim's answers.
 
     The operands (im2col rows with zero-point padding, acc_init, the residual operand) are
     the compiler's work and computed here from the IR; only the expected values come from
-    accel_sim."""
+    accel_sim: its output tensor in `expected` (by default `activations`, the tensors a
+    FunctionalSim run of `program` recorded), its raw accumulators for these inputs."""
     x_spec, y_spec = program.tensors[op.input], program.tensors[op.output]
     ints = {name: t.numpy() for name, t in activations.items()}
+    want = (activations if expected is None else expected)[op.output].numpy()
     x, rq, res = activations[op.input], op.requant, op.requant.residual
     none = np.zeros_like(rq.mult)
     res_mult, res_shift = (none, none) if res is None else (res.mult, res.shift)
@@ -247,7 +254,7 @@ def layer_gemm(program: Program, op: Conv2d, activations: dict[str, torch.Tensor
         offset=rq.offset,
         zero_point=y_spec.zero_points(),
         residual=residual_operand(program, op, ints),
-        expected_y=channels_last(ints[op.output]),
+        expected_y=channels_last(want),
         expected_acc=raw_accumulators(program, op, x),
         out_shape=(x.shape[0], *y_spec.shape),
         act=x_spec,
