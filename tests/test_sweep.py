@@ -153,6 +153,20 @@ def test_area_is_joined_by_widths_and_scaled_to_the_array(workspace, tmp_path):
     assert rows["w4a8-pt-acc12-wrap-8x8"]["area_cells"] is None
 
 
+def test_area_is_taken_from_the_array_of_the_hardware_dataflow():
+    widths = {"rows": "4", "cols": "4", "weight_bits": "4", "act_bits": "8", "acc_bits": "32"}
+    area = [
+        {"flavour": "generic", "top": "mac_array", "cells": "1000", **widths},
+        {"flavour": "generic", "top": "ws_mac_array", "cells": "900", **widths},
+    ]
+    point = sweep_module.Point(4, 8, False, 32, "wrap")
+    os_area, ws_area = (sweep_module.area_for(area, point, 4, 4, dataflow) for dataflow in ("os", "ws"))
+    assert (os_area["area_cells"], os_area["area_source"]) == (1000, "yosys 4x4 mac_array")
+    assert (ws_area["area_cells"], ws_area["area_source"]) == (900, "yosys 4x4 ws_mac_array")
+    no_top = [{k: v for k, v in area[0].items() if k != "top"}]
+    assert sweep_module.area_for(no_top, point, 4, 4, "ws")["area_cells"] is None
+
+
 def test_a_directory_keeps_its_settings(finished, workspace):
     cfg, _ = finished
     with pytest.raises(HwqError, match="calibration_images"):

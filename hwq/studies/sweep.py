@@ -330,16 +330,25 @@ def _int(value: str | None) -> int | None:
     return int(value) if value not in (None, "") else None
 
 
-def area_for(area: list[dict], point: Point, rows: int, cols: int) -> dict:
+def built_for(row: dict, dataflow: str) -> bool:
+    """Whether an area row synthesized the array of `dataflow` (files without a `top`
+    column come from the output-stationary array, the only one they could hold)."""
+    top = row.get("top") or "mac_array"
+    return top.startswith("ws_") == (dataflow == "ws")
+
+
+def area_for(area: list[dict], point: Point, rows: int, cols: int, dataflow: str = "os") -> dict:
     """Area of the point's MAC array: Yosys generic cells (ASIC proxy) and iCE40 LUTs.
 
-    Matched on (weight, act, acc bits); the overflow mode and array size are matched when
-    the files have them. An array synthesized at another size is scaled by the PE count
-    (the array is PEs plus O(R + C) skew registers), and `area_source` says so."""
+    Matched on the dataflow's array and (weight, act, acc bits); the overflow mode and
+    array size are matched when the files have them. An array synthesized at another size
+    is scaled by the PE count (the array is PEs plus O(R + C) skew registers), and
+    `area_source` says so."""
     widths = [
         r
         for r in area
-        if (int(r["weight_bits"]), int(r["act_bits"]), int(r["acc_bits"]))
+        if built_for(r, dataflow)
+        and (int(r["weight_bits"]), int(r["act_bits"]), int(r["acc_bits"]))
         == (point.wbits, point.abits, point.acc_bits)
     ]
     same_mode = [r for r in widths if r.get("overflow", point.overflow) == point.overflow]
@@ -352,7 +361,7 @@ def area_for(area: list[dict], point: Point, rows: int, cols: int) -> dict:
     scale = rows * cols / (size[0] * size[1])
     by_flavour = {r["flavour"]: r for r in chosen}
     generic, ice40 = by_flavour.get("generic"), by_flavour.get("ice40")
-    source = f"yosys {size[0]}x{size[1]} mac_array"
+    source = f"yosys {size[0]}x{size[1]} {chosen[0].get('top') or 'mac_array'}"
     if scale != 1:
         source += f", scaled x{scale:g} by PE count"
     if not same_mode:
@@ -536,7 +545,7 @@ def point_rows(ctx: Context, program: Program, ir: Path, ds: Dataset, point: Poi
                 "cols": c,
                 "array": f"{r}x{c}",
                 **timing_fields(program, hw, cfg.batch, result),
-                **area_for(ctx.area, point, r, c),
+                **area_for(ctx.area, point, r, c, hw.dataflow),
                 "seconds": round(time.perf_counter() - start, 2),
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             }
