@@ -1,3 +1,3 @@
 """pytest fixtures (the helpers themselves live in tests/helpers.py)."""
 
-from .helpers import val_set  # noqa: F401
+from .helpers import simulator, val_set  # noqa: F401

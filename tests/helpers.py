@@ -65,6 +65,17 @@ def val_set():
     pytest.skip("needs the shared CIFAR-10 subset and checkpoint (../shared)")
 
 
+@pytest.fixture(params=("icarus", "verilator"))
+def simulator(request) -> str:
+    """Each RTL simulator in turn; one that is not installed skips with the reason."""
+    from rtl_models import sim
+
+    reason = sim.missing(request.param)
+    if reason:
+        pytest.skip(reason)
+    return request.param
+
+
 def write_cifar_batches(root: Path, images_per_batch: int = 40, batches: int = 2, test: bool = True) -> Path:
     """A CIFAR-10 directory in the official python-batch format, with random images."""
     import pickle

@@ -55,14 +55,6 @@ SATURATE = ExtremeCase(3, 5, 8, spec(6, True, -3), spec(8, True), Accumulator(16
 EXTREME_CASES = {"wrap-4x4-w4a8u": WRAP, "saturate-3x5-w8a6s": SATURATE}
 
 
-@pytest.fixture(params=sim.SIMULATORS)
-def simulator(request) -> str:
-    reason = sim.missing(request.param)
-    if reason:
-        pytest.skip(reason)
-    return request.param
-
-
 def at_the_ends(lo: int, hi: int, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
     """Mostly lo, hi and their neighbours; a quarter uniform in between."""
     ends = np.array(sorted({lo, lo + 1, hi - 1, hi}))

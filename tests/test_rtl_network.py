@@ -27,14 +27,6 @@ from .test_rtl import BUILD_ROOT, DATAFLOWS
 SATURATING = Accumulator(12, "saturate")
 
 
-@pytest.fixture(params=sim.SIMULATORS)
-def simulator(request) -> str:
-    reason = sim.missing(request.param)
-    if reason:
-        pytest.skip(reason)
-    return request.param
-
-
 @pytest.mark.parametrize("dataflow", DATAFLOWS)
 def test_whole_small_network_on_the_rtl_equals_the_reference(dataflow, simulator):
     program = signed_program(SATURATING)
