@@ -29,11 +29,10 @@ import torch
 
 from accel_sim.functional import FunctionalSim
 from accel_sim.ir import Accumulator, Conv2d, Program, Requant, TensorSpec
-from accel_sim.timing import tile_compute_cycles
 from hwq import HwqError
 
 from .sim import DEFAULT_BUILD_ROOT, ArrayConfig, run_job
-from .tiles import RtlResult, decode, tile_job, tile_position
+from .tiles import RtlResult, decode, mapping, tile_job, tile_position
 
 IDENTITY_OUT_BITS = 32
 ROW_PRINT_THRESHOLD = 48
@@ -409,11 +408,6 @@ def first_mismatch(gemm: Gemm, result: RtlResult, config: ArrayConfig) -> str | 
     return None
 
 
-def temporal(gemm: Gemm, dataflow: str) -> int:
-    """What a tile streams in time: the reduction (os) or the output pixels (ws)."""
-    return gemm.k if dataflow == "os" else gemm.m
-
-
 def verify_gemm(
     gemm: Gemm,
     rows: int,
@@ -435,7 +429,7 @@ def verify_gemm(
         tiles=len(result.acc_cycles),
         mismatch=first_mismatch(gemm, result, config),
         rtl_tile_cycles=sorted(set(result.acc_cycles)),
-        formula_tile_cycles=tile_compute_cycles(rows, cols, temporal(gemm, dataflow), dataflow),
+        formula_tile_cycles=mapping(gemm, config).tile_cycles,
         requant_latency=max(y - a for y, a in zip(result.y_cycles, result.acc_cycles, strict=True)),
         total_cycles=sum(result.y_cycles),
     )

@@ -20,6 +20,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from accel_sim import timing
+from accel_sim.timing import Mapping, map_gemm
+
 from .sim import OFFSET_BITS, SHIFT_BITS, ArrayConfig
 
 if TYPE_CHECKING:
@@ -61,10 +64,16 @@ def padded(block: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return out
 
 
+def mapping(gemm: Gemm, config: ArrayConfig) -> Mapping:
+    """The timing model's mapping of the GEMM onto the array: what the tiles lay along the
+    rows and columns, and what they stream in time."""
+    return map_gemm(timing.Gemm(gemm.m, gemm.n, gemm.k), config.rows, config.cols, config.dataflow)
+
+
 def tile_origins(gemm: Gemm, config: ArrayConfig) -> list[tuple[int, int]]:
     """os: (first pixel, first channel) of each tile; ws: (first reduction index, first channel)."""
-    inner = gemm.m if config.dataflow == "os" else gemm.k
-    return [(i0, n0) for n0 in range(0, gemm.n, config.cols) for i0 in range(0, inner, config.rows)]
+    mp = mapping(gemm, config)
+    return [(i0, n0) for n0 in range(0, mp.along_cols, mp.cols) for i0 in range(0, mp.along_rows, mp.rows)]
 
 
 def column_settings(gemm: Gemm, config: ArrayConfig, cols: slice) -> dict[str, int]:
@@ -117,14 +126,13 @@ def ws_tile(gemm: Gemm, config: ArrayConfig, k0: int, n0: int) -> dict:
 def tile_job(gemm: Gemm, config: ArrayConfig) -> dict:
     """The testbench's input: every bus value of every tile, packed."""
     make = os_tile if config.dataflow == "os" else ws_tile
-    temporal = gemm.k if config.dataflow == "os" else gemm.m
     return {
         "dataflow": config.dataflow,
         "settings": list(SETTINGS[config.dataflow]),
         "tiles": [make(gemm, config, i0, n0) for i0, n0 in tile_origins(gemm, config)],
         "cols": config.cols,
         "acc_bits": config.acc_bits,
-        "timeout_cycles": temporal + 4 * (config.rows + config.cols) + 16,
+        "timeout_cycles": mapping(gemm, config).temporal + 4 * (config.rows + config.cols) + 16,
     }
 
 
