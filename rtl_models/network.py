@@ -75,7 +75,7 @@ class NetworkRun:
 
     @property
     def match(self) -> bool:
-        return all(layer.match for layer in self.layers) and not self.skipped
+        return all(layer.match for layer in self.layers)  # the run stops at the first that differs
 
     @property
     def cycles_match(self) -> bool:

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 
 import cocotb
 from cocotb.clock import Clock
 from cocotb.triggers import ClockCycles, FallingEdge
 
+Beats = dict[str, list[list[int]]]  # recording -> [edge, valid mask, row tags, data] per beat
 CLOCK_NS = 10
 RESET_CYCLES = 2
 INPUTS = {
@@ -41,7 +43,7 @@ async def reset(dut, inputs: list[str]) -> None:
     dut.rst.value = 0
 
 
-def record(beats: dict[str, list[list[int]]], seen: dict[str, int], monitors: list, edge: int) -> None:
+def record(beats: Beats, seen: dict[str, int], monitors: list, edge: int) -> None:
     """Append every output bus that is valid after `edge` to its recording."""
     for key, v, r, d in monitors:
         mask = int(v.value)  # int(): a one-column array has 1-bit buses (Logic, not LogicArray)
@@ -58,44 +60,49 @@ def done(seen: dict[str, int], outputs: dict[str, int]) -> bool:
     return all(seen[key] >= count for key, count in outputs.items())
 
 
-async def play_os_tile(dut, tile: dict, timeout: int, _previous: list[int]) -> dict[str, list[list[int]]]:
-    """Stream one output-stationary tile's operands, element t of every row and column in
-    cycle t, and record every output beat until all outputs left."""
+async def play_tile(dut, tile: dict, timeout: int, drive: Callable[[int], None]) -> Beats:
+    """Drive the tile's inputs for each edge (`drive(edge)`) and record every output beat
+    until all its outputs left; then drop `in_valid`."""
+    monitors = monitored(dut)
+    beats: Beats = {key: [] for key, *_ in MONITORED}
+    seen = dict.fromkeys(beats, 0)
+    edge = 0
+    while not done(seen, tile["outputs"]) and edge < timeout:
+        drive(edge)
+        await FallingEdge(dut.clk)
+        record(beats, seen, monitors, edge)
+        edge += 1
+    dut.in_valid.value = 0
+    return beats
+
+
+def os_driver(dut, tile: dict, _previous: list[int]) -> Callable[[int], None]:
+    """Element t of every row and column stream in cycle t, flagged first and last."""
     acts, wgts = tile["act"], tile["wgt"]
     valid, first, last = dut.in_valid, dut.in_first, dut.in_last
     act_in, wgt_in = dut.act_in, dut.wgt_in
-    monitors = monitored(dut)
-    beats: dict[str, list[list[int]]] = {key: [] for key, *_ in MONITORED}
-    seen = dict.fromkeys(beats, 0)
     k = len(acts)
-    edge = 0
-    while not done(seen, tile["outputs"]) and edge < timeout:
+
+    def drive(edge: int) -> None:
         if edge < k:
             act_in.value, wgt_in.value = acts[edge], wgts[edge]
             valid.value, first.value, last.value = 1, int(edge == 0), int(edge == k - 1)
         elif edge == k:
             valid.value, first.value, last.value = 0, 0, 0
-        await FallingEdge(dut.clk)
-        record(beats, seen, monitors, edge)
-        edge += 1
-    valid.value = 0
-    return beats
+
+    return drive
 
 
-async def play_ws_tile(dut, tile: dict, timeout: int, previous: list[int]) -> dict[str, list[list[int]]]:
-    """Load one weight-stationary tile's weights (one array row per cycle), then stream its
-    pixels with each column's starting partial sum: the previous fold's sums (`previous`,
-    as this testbench's output buffer kept them) or, on the first fold, none (the tile
-    takes acc_init)."""
+def ws_driver(dut, tile: dict, previous: list[int]) -> Callable[[int], None]:
+    """The weights one array row per cycle, then the pixels, each with every column's
+    starting partial sum: the previous fold's sums (`previous`, as this testbench's output
+    buffer kept them) or, on the first fold, none (the tile takes acc_init)."""
     wgts, acts, res = tile["wgt"], tile["act"], tile["res"]
     psums = previous if tile["psum"] == "previous" else [0] * len(acts)
     assert len(psums) == len(acts), f"the previous fold left {len(psums)} partial sums for {len(acts)} pixels"
-    monitors = monitored(dut)
-    beats: dict[str, list[list[int]]] = {key: [] for key, *_ in MONITORED}
-    seen = dict.fromkeys(beats, 0)
     r, t = len(wgts), len(acts)
-    edge = 0
-    while not done(seen, tile["outputs"]) and edge < timeout:
+
+    def drive(edge: int) -> None:
         dut.wgt_load.value = int(edge < r)
         if edge < r:
             dut.wgt_in.value = wgts[edge]
@@ -103,11 +110,8 @@ async def play_ws_tile(dut, tile: dict, timeout: int, previous: list[int]) -> di
         dut.in_valid.value = int(0 <= pixel < t)
         if 0 <= pixel < t:
             dut.act_in.value, dut.psum_in.value, dut.res_in.value = acts[pixel], psums[pixel], res[pixel]
-        await FallingEdge(dut.clk)
-        record(beats, seen, monitors, edge)
-        edge += 1
-    dut.in_valid.value = 0
-    return beats
+
+    return drive
 
 
 def buffered_partial_sums(beats: list[list[int]], cols: int, bits: int) -> list[int]:
@@ -122,7 +126,7 @@ def buffered_partial_sums(beats: list[list[int]], cols: int, bits: int) -> list[
     return [sum(v << (c * bits) for c, v in enumerate(pixel)) for pixel in zip(*columns, strict=True)]
 
 
-PLAYERS = {"os": play_os_tile, "ws": play_ws_tile}
+DRIVERS = {"os": os_driver, "ws": ws_driver}
 
 
 @cocotb.test()
@@ -132,11 +136,11 @@ async def play_job(dut) -> None:
         job = json.load(f)
     Clock(dut.clk, CLOCK_NS, unit="ns").start()
     await reset(dut, [*job["settings"], *INPUTS[job["dataflow"]]])
-    play, recording, previous = PLAYERS[job["dataflow"]], [], []
+    driver, recording, previous = DRIVERS[job["dataflow"]], [], []
     for tile in job["tiles"]:
         for name, value in tile["settings"].items():
             getattr(dut, name).value = value
-        beats = await play(dut, tile, job["timeout_cycles"], previous)
+        beats = await play_tile(dut, tile, job["timeout_cycles"], driver(dut, tile, previous))
         if job["dataflow"] == "ws":
             previous = buffered_partial_sums(beats["acc"], job["cols"], job["acc_bits"])
         recording.append(beats)
