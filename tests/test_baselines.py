@@ -126,11 +126,50 @@ def test_learned_round_picks_floor_or_ceiling_of_each_weight(runs, reference):
 
 def test_training_methods_learn_and_log_each_epoch(workspace, runs, reference):
     for method in ("qat", "a2q", "a2q-plus"):
+        assert runs[method]["recipe"]["optimizer"].startswith("SGD")
         log = [json.loads(line) for line in (workspace[0] / method / "log.jsonl").read_text().splitlines()]
         assert [entry["epoch"] for entry in log] == [1] and log[-1]["step"] == runs[method]["recipe"]["steps"]
         assert np.isfinite(log[-1]["train_loss"])
         assert runs[method]["recipe"]["lr"] == 1e-3 and "cosine" in runs[method]["recipe"]["schedule"]
     assert not same_scales(load_program(runs["qat"]["final_ir"]), reference[False])  # scales are learned
+
+
+def test_qat_can_distill_the_float_network_with_adam(workspace, reference):
+    summary = run_baseline(config(workspace, "qat", "qat_distill", optimizer="adam", distill=True))
+    recipe = summary["recipe"]
+    assert recipe["optimizer"] == "Adam" and recipe["lr"] == 1e-4
+    assert "KL divergence to the float network" in recipe["loss"] and "train mode" in recipe["batchnorm"]
+    program = load_program(summary["final_ir"])
+    assert any((a.weight != b.weight).any() for a, b in zip(program.conv_ops(), reference[False].conv_ops()))
+
+
+def test_the_distillation_loss_is_zero_where_the_logits_are_the_float_networks(workspace):
+    from hwq.baselines.qat import make_loss, recipe_of
+    from hwq.baselines.run import MethodContext
+
+    cfg = config(workspace, "qat", distill=True)
+    prepared = prepare(workspace[2], cfg.quant(), workspace[1], 16)
+    ctx = MethodContext(cfg, prepared, None, workspace[0] / "n")
+    loss = make_loss(ctx, recipe_of(ctx))
+    images = load_split(workspace[1], "train").images[:8]
+    with torch.no_grad():
+        teacher = prepared.float_model.eval()(images)
+        assert float(loss(images, teacher, None)) == pytest.approx(0, abs=1e-5)
+        assert float(loss(images, teacher.flip(1), None)) > 0.01
+
+
+@pytest.mark.slow
+def test_qat_from_gpfq_fine_tunes_gpfqs_program_with_frozen_batchnorm(workspace, runs):
+    """At a vanishing learning rate the fine-tune ends where it started: on GPFQ's integers,
+    not round-to-nearest's, and with the statistics GPFQ computed them against."""
+    tuned = run_baseline(
+        config(workspace, "qat", "qat_gpfq", start="gpfq", optimizer="adam", distill=True, lr=1e-12)
+    )
+    assert tuned["recipe"]["start"]["method"] == "gpfq" and "frozen" in tuned["recipe"]["batchnorm"]
+    gpfq, program = load_program(runs["gpfq"]["final_ir"]), load_program(tuned["final_ir"])
+    for a, b in zip(program.conv_ops(), gpfq.conv_ops(), strict=True):
+        assert (a.weight == b.weight).all(), a.name
+        assert np.abs(a.bias.astype(np.int64) - b.bias).max() <= 1, a.name
 
 
 def test_a2q_sees_each_layers_input_and_bounds_its_accumulator(runs):
@@ -197,6 +236,14 @@ def test_bad_input_is_one_line(workspace, runs, capsys):
         capsys,
         [*base, "--method", "qat", "--epochs", "1", "--iters", "3", "--out", str(root / "x")],
         "--iters applies",
+    )
+    one_line_error(
+        capsys,
+        [*base, "--method", "a2q", "--epochs", "1", "--start", "gptq", "--out", str(root / "x")],
+        "--start applies to --method qat",
+    )
+    one_line_error(
+        capsys, [*base, "--method", "gptq", "--distill", "--out", str(root / "x")], "--distill and --optimizer"
     )
     one_line_error(capsys, [*base, "--method", "rtn", "--out", str(root / "rtn")], "already holds a finished")
     one_line_error(

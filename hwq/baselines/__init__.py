@@ -18,3 +18,6 @@ CCEDA_METHODS = ("cc-eda", "cc-eda-best")
 SWEEP_METHODS = METHODS + CCEDA_METHODS
 
 DEFAULT_LEARNED_ROUND_ITERS = 1000  # per layer, Brevitas' ptq_evaluate default
+# Where `--method qat` starts: the post-training program it fine-tunes.
+QAT_STARTS = ("rtn", "gptq", "gpfq")
+OPTIMIZERS = ("sgd", "adam")

@@ -9,7 +9,7 @@ from .. import HwqError
 from ..data import DEFAULT_SPLIT_SEED, DEFAULT_VAL_FRACTION
 from ..flags import add_accumulator_flags, add_fit_flag, add_model_flags
 from ..results import percent
-from . import DEFAULT_LEARNED_ROUND_ITERS, METHODS
+from . import DEFAULT_LEARNED_ROUND_ITERS, METHODS, OPTIMIZERS, QAT_STARTS
 
 if TYPE_CHECKING:
     from .run import BaselineConfig
@@ -53,6 +53,9 @@ def baseline_config(args: argparse.Namespace) -> BaselineConfig:
         lr=args.lr,
         batch_size=args.batch_size,
         weight_decay=args.weight_decay,
+        start=args.start,
+        optimizer=args.optimizer,
+        distill=args.distill,
         calibration_images=args.calibration_images,
         fit_accumulator=args.fit_accumulator,
         val_fraction=args.val_fraction,
@@ -103,4 +106,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, help="learning rate (default: the method's, docs/baselines.md)")
     p.add_argument("--batch-size", type=int, help="images per step (default: the method's)")
     p.add_argument("--weight-decay", type=float, help="qat/a2q: weight decay (default 1e-5)")
+    p.add_argument(
+        "--start",
+        choices=QAT_STARTS,
+        default="rtn",
+        help="qat: fine-tune this post-training method's program (BatchNorm statistics then stay frozen)",
+    )
+    p.add_argument(
+        "--optimizer", choices=OPTIMIZERS, default="sgd", help="qat/a2q: SGD with momentum (default) or Adam"
+    )
+    p.add_argument(
+        "--distill",
+        action="store_true",
+        help="qat/a2q: learn the float network's logits (KL divergence at temperature 4) instead of the labels",
+    )
     p.set_defaults(func=cmd_baseline)

@@ -27,6 +27,8 @@ from ..quant.model import ResNetCifar, calibrate, quantize_model
 from .run import MethodContext
 
 QAT_LR = 1e-3
+ADAM_LR = 1e-4
+DISTILL_TEMPERATURE = 4.0  # Hinton et al.'s soft targets; the loss is scaled by T^2 as theirs
 QAT_BATCH = 128
 QAT_WEIGHT_DECAY = 1e-5  # brevitas_examples a2q_train_models' default
 MOMENTUM = 0.9
@@ -41,11 +43,14 @@ class Recipe:
     weight_decay: float
     epochs: int | None
     budget_minutes: float | None
+    optimizer: str
+    distill: bool
+    frozen_batchnorm: bool
 
     def to_json(self) -> dict:
         budget = f"{self.epochs} epochs" if self.epochs else f"{self.budget_minutes} minutes of wall time"
         return {
-            "optimizer": f"SGD, momentum {MOMENTUM}",
+            "optimizer": f"SGD, momentum {MOMENTUM}" if self.optimizer == "sgd" else "Adam",
             "lr": self.lr,
             "schedule": f"cosine from lr to 0 over the budget ({budget})",
             "batch_size": self.batch_size,
@@ -53,20 +58,73 @@ class Recipe:
             "epochs": self.epochs,
             "budget_minutes": self.budget_minutes,
             "augmentation": f"random crop with {CROP_PADDING}-pixel zero padding, horizontal flip",
-            "loss": "cross-entropy on the train split's labels",
-            "batchnorm": "train mode (batch statistics); folded into the requantization when lowered",
+            "loss": (
+                f"KL divergence to the float network's logits at temperature {DISTILL_TEMPERATURE:g}, x T^2"
+                if self.distill
+                else "cross-entropy on the train split's labels"
+            ),
+            "batchnorm": (
+                "running statistics frozen (those the post-training start was computed with); affine trained"
+                if self.frozen_batchnorm
+                else "train mode (batch statistics)"
+            )
+            + "; folded into the requantization when lowered",
         }
 
 
 def recipe_of(ctx: MethodContext) -> Recipe:
     cfg = ctx.cfg
     return Recipe(
-        lr=cfg.lr or QAT_LR,
+        lr=cfg.lr or (QAT_LR if cfg.optimizer == "sgd" else ADAM_LR),
         batch_size=cfg.batch_size or QAT_BATCH,
         weight_decay=QAT_WEIGHT_DECAY if cfg.weight_decay is None else cfg.weight_decay,
         epochs=cfg.epochs,
         budget_minutes=cfg.budget_minutes,
+        optimizer=cfg.optimizer,
+        distill=cfg.distill,
+        frozen_batchnorm=cfg.start != "rtn",
     )
+
+
+def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    """SGD as brevitas_examples trains, or Adam. Adam's steps do not scale with the gradient:
+    the first convolution sees raw pixels (0-255, its normalization folded into the weights),
+    so its gradients are some 50 times the others' and SGD at a rate that moves the other
+    layers destroys it (docs/baselines.md, "QAT from a post-training start")."""
+    from brevitas_examples.imagenet_classification.a2q.utils import filter_params
+
+    groups = filter_params(model.named_parameters(), recipe.weight_decay)
+    if recipe.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=recipe.lr)
+    return torch.optim.SGD(groups, lr=recipe.lr, momentum=MOMENTUM)
+
+
+Loss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def make_loss(ctx: MethodContext, recipe: Recipe) -> Loss:
+    """Cross-entropy on the labels, or Hinton's distillation loss on the float network's logits
+    for the same augmented images: at a few bits the labels say less than the float network's
+    ranking of every class, which the integer program has to reproduce."""
+    if not recipe.distill:
+        return lambda _images, logits, labels: F.cross_entropy(logits, labels)
+    teacher = ctx.prepared.float_model.eval()
+    t = DISTILL_TEMPERATURE
+
+    def distill(images: torch.Tensor, logits: torch.Tensor, _labels: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            soft = F.softmax(teacher(images) / t, dim=1)
+        return F.kl_div(F.log_softmax(logits / t, dim=1), soft, reduction="batchmean") * t * t
+
+    return distill
+
+
+def set_train_mode(model: nn.Module, recipe: Recipe) -> None:
+    model.train()
+    if recipe.frozen_batchnorm:
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eval()
 
 
 def augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -104,19 +162,16 @@ Penalty = Callable[[], torch.Tensor | None]
 
 def train_model(ctx: MethodContext, model: nn.Module, penalty: Penalty | None = None) -> dict:
     """Fine-tune every parameter of `model` on the train split; returns what was done."""
-    from brevitas_examples.imagenet_classification.a2q.utils import filter_params
-
     recipe = recipe_of(ctx)
     train = ctx.train
     steps_per_epoch = math.ceil(len(train) / recipe.batch_size)
     schedule = Schedule(recipe, steps_per_epoch)
-    optimizer = torch.optim.SGD(
-        filter_params(model.named_parameters(), recipe.weight_decay), lr=recipe.lr, momentum=MOMENTUM
-    )
+    optimizer = make_optimizer(model, recipe)
+    objective = make_loss(ctx, recipe)
     gen = torch.Generator().manual_seed(ctx.cfg.seed)
     step, epoch, elapsed = 0, 0, 0.0
     start = time.perf_counter()
-    model.train()
+    set_train_mode(model, recipe)
     with torch.enable_grad():
         while not schedule.done(step, elapsed):
             epoch += 1
@@ -127,7 +182,7 @@ def train_model(ctx: MethodContext, model: nn.Module, penalty: Penalty | None = 
                     group["lr"] = lr
                 images, labels = augment(train.images[index], gen), train.labels[index]
                 logits = model(images)
-                loss = F.cross_entropy(logits, labels)
+                loss = objective(images, logits, labels)
                 extra = penalty() if penalty else None
                 total = loss if extra is None else loss + A2Q_REG_WEIGHT * extra
                 optimizer.zero_grad()
@@ -158,8 +213,20 @@ def train_model(ctx: MethodContext, model: nn.Module, penalty: Penalty | None = 
     return {"steps": step, "epochs_run": round(step / steps_per_epoch, 3), "train_images": len(train)}
 
 
+def post_training_start(ctx: MethodContext) -> ResNetCifar:
+    """The calibrated round-to-nearest model, or the program of GPTQ/GPFQ on it, whose
+    recipe and log go into this run's under "start"."""
+    from .run import method_function
+
+    if ctx.cfg.start == "rtn":
+        return ctx.prepared.qmodel
+    model = method_function(ctx.cfg.start)(ctx)
+    ctx.recipe = {"start": {"method": ctx.cfg.start, **ctx.recipe}}
+    return model
+
+
 def qat(ctx: MethodContext) -> ResNetCifar:
-    model = ctx.prepared.qmodel
+    model = post_training_start(ctx)
     ran = train_model(ctx, model)
     ctx.recipe.update(
         algorithm="QAT with straight-through estimators (the Brevitas model's own QAT layers)",

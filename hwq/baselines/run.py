@@ -32,7 +32,7 @@ from ..quant.evaluate import ModeResult, Prepared, evaluate_model, evaluate_prog
 from ..quant.lower import lower
 from ..quant.model import QuantConfig, ResNetCifar
 from ..results import write_json
-from . import DEFAULT_LEARNED_ROUND_ITERS, METHODS, QAT_METHODS
+from . import DEFAULT_LEARNED_ROUND_ITERS, METHODS, OPTIMIZERS, QAT_METHODS, QAT_STARTS
 
 SUMMARY_FILE = "summary.json"
 LOG_FILE = "log.jsonl"
@@ -64,6 +64,9 @@ class BaselineConfig:
     lr: float | None = None
     batch_size: int | None = None
     weight_decay: float | None = None
+    start: str = "rtn"  # qat: the post-training method whose program it fine-tunes
+    optimizer: str = "sgd"
+    distill: bool = False  # train on the float network's logits instead of the labels
     calibration_images: int = DEFAULT_CALIBRATION_IMAGES
     fit_accumulator: float | None = None  # quantile of measured sums fitted to the accumulator
     val_fraction: float = DEFAULT_VAL_FRACTION
@@ -90,6 +93,7 @@ class BaselineConfig:
             raise HwqError(
                 f"--epochs and --budget-minutes apply to {', '.join(QAT_METHODS)}, not {self.method}{hint}"
             )
+        self.validate_training_options(trains)
         if self.iters is not None and self.method != "learned-round":
             raise HwqError("--iters applies to --method learned-round only")
         tunes = trains or self.method == "learned-round"
@@ -106,6 +110,16 @@ class BaselineConfig:
                 raise HwqError(f"--{name.replace('_', '-')} must be positive")
         if self.weight_decay is not None and self.weight_decay < 0:
             raise HwqError("--weight-decay must not be negative")
+
+    def validate_training_options(self, trains: bool) -> None:
+        if self.start not in QAT_STARTS:
+            raise HwqError(f"--start {self.start!r} is not one of {', '.join(QAT_STARTS)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise HwqError(f"--optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        if self.start != "rtn" and self.method != "qat":
+            raise HwqError(f"--start applies to --method qat, not {self.method} (A2Q rebuilds its quantizers)")
+        if not trains and (self.distill or self.optimizer != "sgd"):
+            raise HwqError(f"--distill and --optimizer apply to {', '.join(QAT_METHODS)}, not {self.method}")
 
     @property
     def learned_round_iters(self) -> int:
