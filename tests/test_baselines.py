@@ -140,7 +140,8 @@ def test_qat_can_distill_the_float_network_with_adam(workspace, reference):
     assert recipe["optimizer"] == "Adam" and recipe["lr"] == 1e-4
     assert "KL divergence to the float network" in recipe["loss"] and "train mode" in recipe["batchnorm"]
     program = load_program(summary["final_ir"])
-    assert any((a.weight != b.weight).any() for a, b in zip(program.conv_ops(), reference[False].conv_ops()))
+    pairs = zip(program.conv_ops(), reference[False].conv_ops(), strict=True)
+    assert any((a.weight != b.weight).any() for a, b in pairs)
 
 
 def test_the_distillation_loss_is_zero_where_the_logits_are_the_float_networks(workspace):
@@ -243,7 +244,7 @@ def test_bad_input_is_one_line(workspace, runs, capsys):
         "--start applies to --method qat",
     )
     one_line_error(
-        capsys, [*base, "--method", "gptq", "--distill", "--out", str(root / "x")], "--distill and --optimizer"
+        capsys, [*base, "--method", "gptq", "--distill", "--out", str(root / "x")], "--distill and --optim"
     )
     one_line_error(capsys, [*base, "--method", "rtn", "--out", str(root / "rtn")], "already holds a finished")
     one_line_error(

@@ -132,6 +132,7 @@ def one_line_error(capsys, workspace, text: str, needle: str) -> None:
         (TINY.replace("population = 4", "population = 1"), "search.population must be at least 2"),
         (TINY.replace('start = "rtn"', "") + 'start = "qat"', "search.start = 'qat'"),
         (TINY.replace("fc = [4, 8]", "conv9 = [4]"), "precision.layers names 'conv9'"),
+        (TINY + "fit_accumulator = 0.2\n", "search.fit_accumulator must be true, false or a quantile"),
     ],
 )
 def test_bad_space_files_are_one_line_errors(capsys, workspace, text, needle):
@@ -229,6 +230,32 @@ def test_warm_start_takes_the_weights_of_layers_of_equal_width(workspace):
     ]
     assert nearest_trained(Design(layer_wbits=(4,) * 12 + (3,) * 8, **base), designs) == "four"
     assert nearest_trained(Design(layer_wbits=(2,) * 20, **base), designs) is None
+
+
+def test_the_fit_gives_each_accumulator_width_its_own_start(workspace):
+    """With search.fit_accumulator each design starts calibrated for its own accumulator:
+    fewer of its sums overflow than the shared start's, and a donor's stem weights (whose
+    scale the fit grew by another factor) are not copied into it."""
+    from hwq.codesign.candidate import CandidateEvaluator, Settings
+
+    root, data, checkpoint, _ = workspace
+    base = dict(rows=8, cols=8, dataflow="os", weight_bytes=65536, input_bytes=65536, output_bytes=65536)
+    narrow = Design(layer_wbits=(4,) * 20, act_bits=8, acc_bits=14, overflow="wrap", **base)
+    wide = Design(layer_wbits=(4,) * 20, act_bits=8, acc_bits=32, overflow="wrap", **base)
+    fitted = CandidateEvaluator(
+        Settings(checkpoint, data, str(root / "fit"), False, "rtn", 1, 8, 0, fit_accumulator=1.0)
+    )
+    shared = CandidateEvaluator(Settings(checkpoint, data, str(root / "nofit"), False, "rtn", 1, 8, 0))
+    own = fitted.screen(narrow, str(root / "fit" / "narrow"))
+    common = shared.screen(narrow, str(root / "nofit" / "narrow"))
+    assert common["overflows"] > 0 and own["overflows"] < common["overflows"]
+    program = load_program(own["ir"])
+    grown = program.meta["accumulator_fit"]["sums_divided_by"]
+    assert program.meta["accumulator_fit"]["bits"] == 14 and grown["conv1"] > 1
+    donor = fitted.start_program(wide)
+    assert set(donor.meta["accumulator_fit"]["sums_divided_by"].values()) == {1.0}  # 32 bits: nothing grew
+    _, copied = copy_matching_weights(program, donor)
+    assert copied == sum(op.weight.size for op in program.conv_ops()[1:])  # all but the stem
 
 
 # ----- a whole run -------------------------------------------------------------------

@@ -118,6 +118,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--distill",
         action="store_true",
-        help="qat/a2q: learn the float network's logits (KL divergence at temperature 4) instead of the labels",
+        help="qat/a2q: learn the float network's logits (KL divergence, temperature 4), not the labels",
     )
     p.set_defaults(func=cmd_baseline)

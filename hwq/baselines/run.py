@@ -117,7 +117,7 @@ class BaselineConfig:
         if self.optimizer not in OPTIMIZERS:
             raise HwqError(f"--optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
         if self.start != "rtn" and self.method != "qat":
-            raise HwqError(f"--start applies to --method qat, not {self.method} (A2Q rebuilds its quantizers)")
+            raise HwqError(f"--start applies to --method qat, not {self.method} (A2Q starts from EP-init)")
         if not trains and (self.distill or self.optimizer != "sgd"):
             raise HwqError(f"--distill and --optimizer apply to {', '.join(QAT_METHODS)}, not {self.method}")
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from accel_sim.ir import Accumulator, Program, load_program, save_program
+from accel_sim.ir import Accumulator, Conv2d, Program, load_program, save_program
 
 from ..data import DEFAULT_SPLIT_SEED, DEFAULT_VAL_FRACTION, load_split
 from ..quant import DEFAULT_CALIBRATION_IMAGES
@@ -30,6 +30,7 @@ from ..quant.model import QuantConfig
 from .space import Design
 
 if TYPE_CHECKING:
+    from ..quant.accumulator_fit import AccumulatorFit
     from ..search.train import TrainConfig
 
 START_IR = "start.ir"
@@ -51,21 +52,54 @@ class Settings:
     val_fraction: float = DEFAULT_VAL_FRACTION
     split_seed: int = DEFAULT_SPLIT_SEED
     calibration_images: int = DEFAULT_CALIBRATION_IMAGES
+    fit_accumulator: float | None = None  # quantile of measured sums fitted to each design's accumulator
+
+    def start_key(self, design: Design) -> str:
+        """Designs with one key share one start: one per precision, or, with the fit, one per
+        precision and accumulator width (the fit sets the activation scales for that width)."""
+        if self.fit_accumulator is None:
+            return design.precision_key
+        return f"{design.precision_key}-fit{self.fit_accumulator:g}-acc{design.acc_bits}"
+
+    def start_accumulator(self, design: Design) -> Accumulator | None:
+        """The accumulator a start is made for: the design's under the fit; otherwise none
+        (the lowering's 32 bits: one start serves every width, `screen` sets the design's)."""
+        return None if self.fit_accumulator is None else Accumulator(design.acc_bits, design.overflow)
+
+    def fit(self, design: Design) -> AccumulatorFit | None:
+        from ..quant.accumulator_fit import AccumulatorFit
+
+        if self.fit_accumulator is None:
+            return None
+        return AccumulatorFit(self.start_accumulator(design), self.fit_accumulator)
 
 
 def quant_config(design: Design, per_channel: bool) -> QuantConfig:
     return QuantConfig(max(design.layer_wbits), design.act_bits, per_channel, layer_wbits=design.layer_wbits)
 
 
-def precision_dir(out: Path, design: Design) -> Path:
-    """Where a precision's PTQ start is kept (shared by every design of that precision)."""
-    digest = hashlib.sha256(design.precision_key.encode()).hexdigest()[:12]
-    return out / "ptq" / digest
+def start_dir(out: Path, key: str) -> Path:
+    """Where a PTQ start is kept (shared by every design of its `Settings.start_key`)."""
+    return out / "ptq" / hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def accumulator_settings(accumulator: Accumulator | None) -> dict:
+    if accumulator is None:
+        return {}
+    return {"accumulator_bits": accumulator.bits, "overflow": accumulator.overflow}
+
+
+def weight_scale_growth(program: Program, op: Conv2d) -> float:
+    """How much `--fit-accumulator` grew the op's weight scale: it grows the stem's weight
+    scale (its input, the image, has no scale to grow) and every other layer's input scale."""
+    if op.input != program.input:
+        return 1.0
+    return program.meta.get("accumulator_fit", {}).get("sums_divided_by", {}).get(op.name, 1.0)
 
 
 def copy_matching_weights(own: Program, donor: Program) -> tuple[Program, int]:
-    """`own` with the donor's integer weights in every layer of the same width; returns the
-    program and how many weights were copied."""
+    """`own` with the donor's integer weights in every layer of the same width and weight
+    scale; returns the program and how many weights were copied."""
     theirs = {op.name: op for op in donor.conv_ops()}
     taken = {
         op.name: theirs[op.name].weight
@@ -73,6 +107,7 @@ def copy_matching_weights(own: Program, donor: Program) -> tuple[Program, int]:
         if op.name in theirs
         and theirs[op.name].weight_bits == op.weight_bits
         and theirs[op.name].weight.shape == op.weight.shape
+        and weight_scale_growth(donor, theirs[op.name]) == weight_scale_growth(own, op)
     }
     return (own.with_weights(taken) if taken else own), int(sum(w.size for w in taken.values()))
 
@@ -86,8 +121,8 @@ class CandidateEvaluator:
         self.lowered: dict[str, Program] = {}
 
     def start_program(self, design: Design) -> Program:
-        """The design's network before any search, at a 32-bit accumulator."""
-        key = design.precision_key
+        """The design's network before any search (its accumulator is set by `screen`)."""
+        key = self.settings.start_key(design)
         if key not in self.lowered:
             self.lowered = {key: self.lower(design)}  # one precision at a time: they are large
         return self.lowered[key]
@@ -102,6 +137,8 @@ class CandidateEvaluator:
                 s.calibration_images,
                 s.val_fraction,
                 s.split_seed,
+                s.start_accumulator(design),
+                fit=s.fit(design),
             ).program
         return self.ptq_program(design)
 
@@ -109,7 +146,7 @@ class CandidateEvaluator:
         from ..baselines.run import BaselineConfig, run_baseline
 
         s = self.settings
-        out = precision_dir(Path(s.out), design)
+        out = start_dir(Path(s.out), s.start_key(design))
         final = out / "final.ir"
         if not (out / "summary.json").exists():
             shutil.rmtree(out, ignore_errors=True)
@@ -123,8 +160,10 @@ class CandidateEvaluator:
                     data=s.data,
                     per_channel=s.per_channel,
                     layer_wbits=design.layer_wbits,
+                    **accumulator_settings(s.start_accumulator(design)),
                     seed=s.seed,
                     calibration_images=s.calibration_images,
+                    fit_accumulator=s.fit_accumulator,
                     val_fraction=s.val_fraction,
                     split_seed=s.split_seed,
                 )
@@ -180,6 +219,7 @@ class CandidateEvaluator:
             confirm_images=0,
             eval_every=1 << 30,  # the val split is read twice: at the start and the end
             init_ir=str(warm),
+            fit_accumulator=s.fit_accumulator,
             val_fraction=s.val_fraction,
             split_seed=s.split_seed,
             calibration_images=s.calibration_images,

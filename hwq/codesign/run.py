@@ -172,6 +172,7 @@ class Codesign:
             finetune_evals=self.space.search["finetune_evals"],
             fitness_images=self.space.search["fitness_images"],
             seed=self.space.search["seed"],
+            fit_accumulator=self.space.search["fit_accumulator"],
         )
         self.reference = prepare(
             self.settings.checkpoint, QuantConfig(8, 8, self.space.per_channel), self.settings.data

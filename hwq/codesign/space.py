@@ -68,6 +68,7 @@ SEARCH_DEFAULTS: dict[str, Any] = {
     "start": "rtn",
     "objectives": list(OBJECTIVES),
     "per_channel": True,
+    "fit_accumulator": False,
 }
 TABLES = {"precision", "accumulator", "array", "buffers", "dram", "energy", "constraints", "search"}
 
@@ -353,8 +354,21 @@ def read_search(doc: dict) -> dict[str, Any]:
         raise HwqError("search.objectives must include accuracy")
     if not isinstance(search["per_channel"], bool):
         raise HwqError("search.per_channel must be true or false")
+    search["fit_accumulator"] = read_fit(search["fit_accumulator"])
     search["objectives"] = list(dict.fromkeys(objectives))
     return search
+
+
+def read_fit(value: Any) -> float | None:
+    """`search.fit_accumulator`: false (off), true (fit the largest measured sum) or the
+    quantile of the measured sums to fit, as `--fit-accumulator [QUANTILE]`."""
+    if value is False:
+        return None
+    if value is True:
+        return 1.0
+    if isinstance(value, (int, float)) and 0.5 <= value <= 1:
+        return float(value)
+    raise HwqError(f"search.fit_accumulator must be true, false or a quantile in [0.5, 1], got {value!r}")
 
 
 def read_layer_choices(doc: dict) -> dict[str, tuple[int, ...]]:
