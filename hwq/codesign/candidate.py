@@ -24,13 +24,13 @@ import numpy as np
 from accel_sim.ir import Accumulator, Conv2d, Program, load_program, save_program
 
 from ..data import DEFAULT_SPLIT_SEED, DEFAULT_VAL_FRACTION, load_split
+from ..flags import accumulator_fit
 from ..quant import DEFAULT_CALIBRATION_IMAGES
 from ..quant.evaluate import evaluate_program, prepare
 from ..quant.model import QuantConfig
 from .space import Design
 
 if TYPE_CHECKING:
-    from ..quant.accumulator_fit import AccumulatorFit
     from ..search.train import TrainConfig
 
 START_IR = "start.ir"
@@ -65,13 +65,6 @@ class Settings:
         """The accumulator a start is made for: the design's under the fit; otherwise none
         (the lowering's 32 bits: one start serves every width, `screen` sets the design's)."""
         return None if self.fit_accumulator is None else Accumulator(design.acc_bits, design.overflow)
-
-    def fit(self, design: Design) -> AccumulatorFit | None:
-        from ..quant.accumulator_fit import AccumulatorFit
-
-        if self.fit_accumulator is None:
-            return None
-        return AccumulatorFit(self.start_accumulator(design), self.fit_accumulator)
 
 
 def quant_config(design: Design, per_channel: bool) -> QuantConfig:
@@ -138,7 +131,7 @@ class CandidateEvaluator:
                 s.val_fraction,
                 s.split_seed,
                 s.start_accumulator(design),
-                fit=s.fit(design),
+                fit=accumulator_fit(s.fit_accumulator, s.start_accumulator(design)),
             ).program
         return self.ptq_program(design)
 
