@@ -158,11 +158,16 @@ def recorded(accumulators: Accumulators, name: str, acc: torch.Tensor) -> torch.
 @dataclass
 class _Accumulated:
     """Accumulators (R*N, O, H, W); `with_init`: the initial value is in them, which happens
-    exactly when overflow had to be handled (it is folded into the requant stage otherwise)."""
+    exactly when overflow had to be handled (it is folded into the requant stage otherwise);
+    `overflows`: per candidate (R,), how many outputs left the accumulator's range, when
+    counted (None: not counted, or none could)."""
 
     acc: torch.Tensor
     with_init: bool
-    overflows: int = 0
+    overflows: torch.Tensor | None = None
+
+    def overflow_total(self) -> int:
+        return 0 if self.overflows is None else int(self.overflows.sum())
 
 
 class _ConvPlan:
@@ -243,7 +248,7 @@ class _ConvPlan:
         if a.overflow == "saturate":
             return self.saturated(xp, w, pad, bound, init, images)
         exact = by_candidate(self.conv(xp, w, pad, images).to(wide), images) + init
-        overflows = int(((exact < a.lo) | (exact > a.hi)).sum()) if count else 0
+        overflows = ((exact < a.lo) | (exact > a.hi)).flatten(1).sum(1) if count else None
         return _Accumulated(wrap_to(exact, a).flatten(0, 1), True, overflows)
 
     def signed_sums(
@@ -299,7 +304,7 @@ class _ConvPlan:
         result = self.accumulate(x, self.weight, self.bound, x.shape[0], count=True)
         acc = recorded(accumulators, self.op.name, result.acc)
         out = self.requant.apply(acc, residual_of(self, env), self.own[result.with_init], x.shape[0])
-        return out, result.overflows, acc.numel()
+        return out, result.overflow_total(), acc.numel()
 
     def run_candidates(
         self,
@@ -307,9 +312,11 @@ class _ConvPlan:
         params: dict[str, np.ndarray],
         images: int,
         accumulators: Accumulators,
+        overflows: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """Outputs (P*N, ...) of P candidates' `params` (field -> (P, ...)) on inputs that
-        are shared (N, ...) or per candidate (P*N, ...); None if a GEMM needs int64."""
+        are shared (N, ...) or per candidate (P*N, ...); None if a GEMM needs int64. Each
+        candidate's count of overflowed outputs is added to `overflows` (P,) when given."""
         weight, bias, mult = params.get(WEIGHT), params.get(BIAS), params.get(MULT)
         bound, w = self.bound, self.weight
         if weight is not None or bias is not None:
@@ -322,7 +329,9 @@ class _ConvPlan:
             w = self.on_device(weight, self.conv_dtype(bound))
         if w.dtype == torch.int64:
             return None
-        result = self.accumulate(env[self.op.input], w, bound, images, count=False)
+        result = self.accumulate(env[self.op.input], w, bound, images, count=overflows is not None)
+        if overflows is not None and result.overflows is not None:
+            overflows += result.overflows.to(overflows.device)
         if params:
             rq = self.requant_params(self.op.requant.mult if mult is None else mult, bound, result.with_init)
         else:
@@ -370,7 +379,9 @@ class _PoolPlan:
         params: dict[str, np.ndarray],
         images: int,
         accumulators: Accumulators,
+        overflows: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """As a conv's; the pool's sum cannot overflow (its dtype holds the worst case)."""
         mult = params.get(MULT)
         rq = self.own if mult is None else self.requant.params(mult, self.init, self.magnitude)
         return self.pooled(env[self.op.input], rq, images, accumulators)
@@ -490,10 +501,12 @@ class FunctionalSim:
         start: int,
         candidates: dict[ParamKey, np.ndarray],
         accumulators: Accumulators = None,
+        overflows: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor] | None:
         """Every tensor of P candidates (see `run_population`): (P*N, ...) for the tensors
         the candidates change, (N, ...) for the others; None if a GEMM needs int64. Each
-        op's accumulators go into `accumulators` when given."""
+        op's accumulators go into `accumulators` when given, its overflow counts into
+        `overflows`."""
         population, by_op = self.grouped_candidates(start, candidates)
         images = next(iter(env.values())).shape[0]
         tensors = dict(env)
@@ -504,9 +517,11 @@ class FunctionalSim:
                 params = by_op.get(op.name, {})
                 reads = [op.input] + ([res.input] if res is not None else [])
                 if not params and not per_candidate.intersection(reads):
-                    tensors[op.output] = plan.run(tensors, accumulators)[0]
+                    tensors[op.output], shared_overflows, _ = plan.run(tensors, accumulators)
+                    if overflows is not None:
+                        overflows += shared_overflows
                     continue
-                out = plan.run_candidates(tensors, params, images, accumulators)
+                out = plan.run_candidates(tensors, params, images, accumulators, overflows)
                 if out is None:
                     return None
                 tensors[op.output] = out
@@ -514,7 +529,11 @@ class FunctionalSim:
         return tensors
 
     def run_population(
-        self, env: dict[str, torch.Tensor], start: int, candidates: dict[ParamKey, np.ndarray]
+        self,
+        env: dict[str, torch.Tensor],
+        start: int,
+        candidates: dict[ParamKey, np.ndarray],
+        overflows: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """Logits (P, N, classes) of P candidates that differ from the program in the
         parameters `candidates` names: (op, field) -> (P, ...) values of a conv's `weight`
@@ -526,8 +545,12 @@ class FunctionalSim:
         does that); every bound is computed from them, so the result is exact whatever
         they are. Returns None only when a convolution's products need int64 (beyond
         2**53), which the batched form does not do: run such candidates one by one.
+
+        `overflows`, a (P,) int64 tensor when given, gains each candidate's count of
+        accumulator outputs that left the range (wrapped, or clipped at some step when
+        saturating) in the ops from `start` on, as `LayerStats.overflows` counts them.
         """
-        tensors = self.population_activations(env, start, candidates)
+        tensors = self.population_activations(env, start, candidates, overflows=overflows)
         if tensors is None:
             return None
         population = len(next(iter(candidates.values())))

@@ -88,8 +88,9 @@ def replay_at_risk(
     kernel: int,
     stride: int,
     images: int,
-) -> int:
-    """Write the saturating sums of the outputs marked `at_risk` into `acc`; return how many clipped.
+) -> torch.Tensor:
+    """Write the saturating sums of the outputs marked `at_risk` into `acc`; return how many
+    clipped, per candidate (R,).
 
     `acc` and `at_risk` are (R*N, O, H, W): R candidates of N images each. `xp` is the input,
     padded, either shared (N, ...) or per candidate (R*N, ...); `weight_rows` (Rw, O, K) and
@@ -102,7 +103,7 @@ def replay_at_risk(
     flat = xp.contiguous().view(-1)
     offsets = patch_offsets(xp, kernel)
     _, c, h, w = xp.shape
-    clipped_total = 0
+    clipped_by_candidate = torch.zeros(acc.shape[0] // images, dtype=torch.int64, device=acc.device)
     for part in at_risk.nonzero().split(max(1, REPLAY_ELEMENTS // k)):
         row, o, y, x = part.unbind(1)
         candidate = row // images
@@ -113,5 +114,5 @@ def replay_at_risk(
         start = init[candidate if len(init) > 1 else 0, o]
         values, clipped = saturating_replay(products, start, accumulator.lo, accumulator.hi)
         acc[row, o, y, x] = values.to(acc.dtype)
-        clipped_total += int(clipped.sum())
-    return clipped_total
+        clipped_by_candidate.index_add_(0, candidate, clipped.to(torch.int64))
+    return clipped_by_candidate

@@ -49,16 +49,28 @@ def candidates_for(
     return out
 
 
-def population_logits(program: Program, images: torch.Tensor, candidates: dict, backend: str = "native"):
+def population_logits(
+    program: Program, images: torch.Tensor, candidates: dict, backend: str = "native"
+) -> tuple[torch.Tensor | None, np.ndarray]:
+    """The candidates' logits and their overflowed outputs over the whole network (the
+    context's before the first changed op, the population's own from there)."""
     sim = FunctionalSim(program, conv_backend=backend)
     env = {program.input: sim.input_carrier(images)}
-    sim.execute(env)
+    context = sim.execute(env)
     start = min(sim.op_index[name] for name, _ in candidates)
-    return sim.run_population(env, start, candidates)
+    overflows = torch.zeros(len(next(iter(candidates.values()))), dtype=torch.int64)
+    logits = sim.run_population(env, start, candidates, overflows)
+    before = sum(context[op.name].overflows for op in program.ops[:start])
+    return logits, overflows.numpy() + before
 
 
-def assert_equals_one_program_per_candidate(program, images, candidates, backend="native") -> None:
-    got = population_logits(program, images, candidates, backend)
+def total_overflows(result) -> int:
+    return sum(layer.overflows for layer in result.layers.values())
+
+
+def assert_equals_one_program_per_candidate(program, images, candidates, backend="native") -> np.ndarray:
+    """Logits and overflow counts; returns the counts."""
+    got, overflows = population_logits(program, images, candidates, backend)
     population = len(next(iter(candidates.values())))
     assert got is not None and got.shape == (
         population,
@@ -66,8 +78,10 @@ def assert_equals_one_program_per_candidate(program, images, candidates, backend
         program.tensors[program.output].channels,
     )
     for p in range(population):
-        single = program.with_params({key: v[p] for key, v in candidates.items()})
-        assert torch.equal(got[p], FunctionalSim(single).run(images).logits), f"candidate {p}"
+        single = FunctionalSim(program.with_params({key: v[p] for key, v in candidates.items()})).run(images)
+        assert torch.equal(got[p], single.logits), f"candidate {p}"
+        assert overflows[p] == total_overflows(single), f"candidate {p}"
+    return overflows
 
 
 @pytest.mark.parametrize(
@@ -93,7 +107,9 @@ def test_weight_candidates_equal_one_program_per_candidate(layers):
 def test_bias_and_mult_candidates_equal_one_program_per_candidate(acc, fields):
     program = program_for(W4A8).with_accumulator(acc)
     candidates = candidates_for(program, ["layer2.1.conv1", "layer3.0.conv2", "avgpool", "fc"], fields, 3)
-    assert_equals_one_program_per_candidate(program, calibration_images()[:4], candidates)
+    overflows = assert_equals_one_program_per_candidate(program, calibration_images()[:4], candidates)
+    if acc.bits == 12:  # 4 images overflow it in every candidate (16 bits: none clip here)
+        assert (overflows > 0).all()
 
 
 def test_gemm_population_equals_one_program_per_candidate():
@@ -114,16 +130,19 @@ def test_population_of_signed_programs_equals_the_reference(acc, backend):
     layers = [op.name for op in program.ops]
     candidates = candidates_for(program, layers, (WEIGHT, BIAS, MULT), 3, seed=4)
     x = signed_images(program, 5)
-    got = population_logits(program, x, candidates, backend)
+    got, overflows = population_logits(program, x, candidates, backend)
     for p in range(3):
         single = program.with_params({key: v[p] for key, v in candidates.items()})
         want = run_reference(single, x.numpy())[program.output].reshape(len(x), -1)
         np.testing.assert_array_equal(got[p].numpy(), want, err_msg=f"candidate {p}")
+        assert overflows[p] == total_overflows(FunctionalSim(single).run(x)) > 0, f"candidate {p}"
 
 
-def distill_evaluator(program: Program, images: torch.Tensor, **kwargs) -> SimEvaluator:
+def distill_evaluator(
+    program: Program, images: torch.Tensor, overflow_penalty: int = 0, **kwargs
+) -> SimEvaluator:
     """Scores are minus the L1 distance to the program's own logits: any change shows."""
-    evaluator = SimEvaluator(program, IntegerFitness("distill", clip=1), **kwargs)
+    evaluator = SimEvaluator(program, IntegerFitness("distill", 1, overflow_penalty), **kwargs)
     teacher = FunctionalSim(program).run(images).logits
     evaluator.set_batch(images, Targets(teacher.argmax(1), teacher))
     return evaluator
@@ -157,6 +176,42 @@ def test_chunks_and_the_one_by_one_fallback_equal_the_batched_scores(monkeypatch
     assert {s.arithmetic for s in fallback.sim.layer_stats().values()} >= {"int64"}
     np.testing.assert_array_equal(fallback.evaluate(candidates), batched)
     assert singles == [1]
+
+
+def test_the_overflow_penalty_takes_each_candidates_overflows_off_its_score(monkeypatch):
+    """Batched, chunked and one by one; and the context's own score, once it is adopted,
+    is the score the candidate had."""
+    program = signed_program(Accumulator(11, "wrap"))
+    images = signed_images(program, 6)
+    candidates = candidates_for(program, ["c2", "pool", "fc"], (WEIGHT, BIAS, MULT), 5, seed=2)
+    plain = distill_evaluator(program, images).evaluate(candidates)
+    penalized = distill_evaluator(program, images, overflow_penalty=3)
+    scores = penalized.evaluate(candidates)
+    counts = population_logits(program, images, candidates)[1]
+    assert len(set(counts.tolist())) > 1
+    np.testing.assert_array_equal(scores, plain - 3 * counts)
+    per_candidate = len(images) * int(np.prod(program.tensors["y"].shape))
+    chunked = distill_evaluator(program, images, overflow_penalty=3, max_elements=2 * per_candidate)
+    np.testing.assert_array_equal(chunked.evaluate(candidates), scores)
+    best = int(np.argmax(scores))
+    assert penalized.set_solution({key: v[best] for key, v in candidates.items()}) == scores[best]
+    monkeypatch.setattr(functional, "FLOAT32_EXACT", 1)
+    monkeypatch.setattr(functional, "FLOAT64_EXACT", 1)
+    np.testing.assert_array_equal(
+        distill_evaluator(program, images, overflow_penalty=3).evaluate(candidates), scores
+    )
+
+
+def test_an_overflow_penalty_is_refused_where_it_cannot_apply():
+    with pytest.raises(HwqError, match="needs the distill or margin fitness"):
+        IntegerFitness("accuracy", clip=4, overflow_penalty=1)
+    with pytest.raises(HwqError, match="must be non-negative"):
+        IntegerFitness("distill", clip=4, overflow_penalty=-1)
+    program = program_for(W4A8)
+    evaluator = BrevitasEvaluator(brevitas_model(W4A8), program, IntegerFitness("margin", 4, 1))
+    evaluator.set_batch(calibration_images()[:2], Targets(torch.zeros(2, dtype=torch.int64)))
+    with pytest.raises(HwqError, match="needs the candidates' overflow counts"):
+        evaluator.set_solution({("fc", WEIGHT): program.op("fc").weight})
 
 
 def test_set_solution_with_new_biases_and_multipliers_reexecutes_from_the_first_change():

@@ -216,6 +216,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--fitness", choices=FITNESS_MODES, help="integer score of the logits (default distill)")
     f.add_argument("--margin-clip", type=positive_float, help="margin clip in logit units (default 4.0)")
     f.add_argument(
+        "--overflow-penalty",
+        type=nonnegative_int,
+        help="fitness points subtracted per accumulator output that overflows on the batch "
+        "(distill: logit LSBs; default 0: off)",
+    )
+    f.add_argument(
         "--fitness-images", type=positive_int, help="training images per fitness batch (default 256)"
     )
     f.add_argument(

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from accel_sim.functional import FunctionalSim
+from accel_sim.functional import FunctionalSim, LayerStats
 from accel_sim.ir import WEIGHT, Conv2d, ParamKey, Program, output_hw, param_of
 
 from .. import HwqError
@@ -51,17 +51,44 @@ class IntegerFitness:
     the sum of clipped margins; `margin`: the sum of clipped margins alone; `distill`:
     minus the L1 distance between the logits and the float network's (the teacher's),
     which every image informs, not only the few near the decision boundary.
+
+    `overflow_penalty` > 0 subtracts that many points per accumulator output that overflowed
+    on the batch, so the search sees partial sums leaving a narrow accumulator before the
+    logits show it. Like the scores it offsets, the count is a sum over images; `accuracy`
+    packs its score so that image shards can be recombined, which a penalty would break, so
+    it takes none.
     """
 
     mode: str
     clip: int
+    overflow_penalty: int = 0
+
+    def __post_init__(self) -> None:
+        if self.overflow_penalty < 0:
+            raise HwqError(f"the overflow penalty must be non-negative, not {self.overflow_penalty}")
+        if self.overflow_penalty and self.mode == "accuracy":
+            raise HwqError("an overflow penalty needs the distill or margin fitness, not accuracy")
 
     @property
     def needs_teacher(self) -> bool:
         return self.mode == "distill"
 
-    def score(self, logits: torch.Tensor, targets: Targets) -> np.ndarray:
-        """(P,) scores of logits (P, N, classes)."""
+    @property
+    def counts_overflows(self) -> bool:
+        return self.overflow_penalty > 0
+
+    def score(
+        self, logits: torch.Tensor, targets: Targets, overflows: np.ndarray | None = None
+    ) -> np.ndarray:
+        """(P,) scores of logits (P, N, classes), less the penalty for `overflows` (P,)."""
+        scores = self.logit_score(logits, targets)
+        if self.counts_overflows:
+            if overflows is None:
+                raise HwqError("an overflow penalty needs the candidates' overflow counts")
+            scores = scores - self.overflow_penalty * np.asarray(overflows, dtype=np.int64)
+        return scores
+
+    def logit_score(self, logits: torch.Tensor, targets: Targets) -> np.ndarray:
         if self.needs_teacher:
             if targets.teacher is None:
                 raise HwqError("the distill fitness needs the float network's logits for the batch")
@@ -155,6 +182,7 @@ class SimEvaluator(Evaluator):
         self.macs_from = np.cumsum(macs[::-1])[::-1]
         self.env: dict[str, torch.Tensor] = {}
         self.targets = Targets(torch.empty(0, dtype=torch.int64))
+        self.op_overflows = np.zeros(len(program.ops), dtype=np.int64)  # the context's, per op
 
     def simulator(self, program: Program) -> FunctionalSim:
         return FunctionalSim(program, self.device, compile=self.compile, conv_backend=self.conv_backend)
@@ -162,7 +190,11 @@ class SimEvaluator(Evaluator):
     def set_batch(self, images: torch.Tensor, targets: Targets) -> None:
         self.targets = targets
         self.env = {self.program.input: self.sim.input_carrier(images)}
-        self.sim.execute(self.env)
+        self.record_overflows(self.sim.execute(self.env))
+
+    def record_overflows(self, stats: dict[str, LayerStats]) -> None:
+        for name, layer in stats.items():
+            self.op_overflows[self.op_index[name]] = layer.overflows
 
     def set_solution(self, params: dict[ParamKey, np.ndarray]) -> int:
         changed = {
@@ -174,9 +206,11 @@ class SimEvaluator(Evaluator):
             self.program = self.program.with_params(changed)
             self.sim = self.simulator(self.program)
             if self.env:
-                self.sim.execute(self.env, min(self.op_index[name] for name, _ in changed))
+                start = min(self.op_index[name] for name, _ in changed)
+                self.record_overflows(self.sim.execute(self.env, start))
         logits = self.env[self.program.output].to(torch.int64).flatten(1)
-        return int(self.fitness.score(logits[None].cpu(), self.targets)[0])
+        overflows = np.array([self.op_overflows.sum()])
+        return int(self.fitness.score(logits[None].cpu(), self.targets, overflows)[0])
 
     def evaluate(self, candidates: dict[ParamKey, np.ndarray]) -> np.ndarray:
         start = min(self.op_index[name] for name, _ in candidates) if self.incremental else 0
@@ -187,27 +221,40 @@ class SimEvaluator(Evaluator):
         scores = []
         for s in range(0, population, chunk):
             part = {key: v[s : s + chunk] for key, v in candidates.items()}
-            scores.append(self.fitness.score(self.population_logits(start, part), self.targets))
+            logits, overflows = self.population_logits(start, part)
+            scores.append(self.fitness.score(logits, self.targets, overflows))
         self.evaluations += population
         self.macs += population * n * int(self.macs_from[start])
         return np.concatenate(scores)
 
-    def population_logits(self, start: int, candidates: dict[ParamKey, np.ndarray]) -> torch.Tensor:
-        """Batched from `start` when incremental; otherwise, or when the batched form cannot
-        run exactly, each candidate's whole program from the image."""
-        logits = self.sim.run_population(self.env, start, candidates) if self.incremental else None
-        if logits is not None:
-            return logits.cpu()
+    def population_logits(
+        self, start: int, candidates: dict[ParamKey, np.ndarray]
+    ) -> tuple[torch.Tensor, np.ndarray | None]:
+        """Logits (P, N, classes) and, when the fitness counts them, each candidate's
+        overflowed outputs over the whole network (P,): batched from `start` when
+        incremental (the ops before it are the context's); otherwise, or when the batched
+        form cannot run exactly, each candidate's whole program from the image."""
+        population = len(next(iter(candidates.values())))
+        counting = self.fitness.counts_overflows
+        if self.incremental:
+            overflows = torch.zeros(population, dtype=torch.int64, device=self.device) if counting else None
+            logits = self.sim.run_population(self.env, start, candidates, overflows)
+            if logits is not None:
+                if overflows is None:
+                    return logits.cpu(), None
+                return logits.cpu(), overflows.cpu().numpy() + self.op_overflows[:start].sum()
         return self.one_by_one(candidates)
 
-    def one_by_one(self, candidates: dict[ParamKey, np.ndarray]) -> torch.Tensor:
+    def one_by_one(self, candidates: dict[ParamKey, np.ndarray]) -> tuple[torch.Tensor, np.ndarray]:
         population = len(next(iter(candidates.values())))
         images = self.env[self.program.input].to(torch.int64)
-        singles = []
+        logits, overflows = [], []
         for p in range(population):
             program = self.program.with_params({key: v[p] for key, v in candidates.items()})
-            singles.append(self.simulator(program).run(images).logits.cpu())
-        return torch.stack(singles)
+            result = self.simulator(program).run(images)
+            logits.append(result.logits.cpu())
+            overflows.append(sum(layer.overflows for layer in result.layers.values()))
+        return torch.stack(logits), np.asarray(overflows, dtype=np.int64)
 
 
 class BrevitasEvaluator(Evaluator):

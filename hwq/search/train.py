@@ -81,6 +81,7 @@ RUN_DEFINING = (
     "eda",
     "fitness",
     "margin_clip",
+    "overflow_penalty",
     "fitness_images",
     "new_batch_every",
     "grow_batch",
@@ -125,6 +126,7 @@ class TrainConfig:
     eda: EDAConfig = field(default_factory=EDAConfig)
     fitness: str = "distill"
     margin_clip: float = 4.0
+    overflow_penalty: int = 0  # fitness points per overflowed accumulator output on the batch
     fitness_images: int = 256
     new_batch_every: int = 16
     grow_batch: bool = False
@@ -182,6 +184,9 @@ class TrainConfig:
                 raise HwqError(f"--{name.replace('_', '-')} must be at least 1")
         if self.margin_clip <= 0:
             raise HwqError("--margin-clip must be positive")
+        IntegerFitness(self.fitness, 1, self.overflow_penalty)  # refuses a penalty it cannot apply
+        if self.overflow_penalty and self.target == "brevitas":
+            raise HwqError("--overflow-penalty needs --target accel_sim (Brevitas has no accumulator)")
         validate_settings(self.workers, self.ray_address, self.cpus_per_worker, self.target)
         if self.workers is not None:
             require_ray()
@@ -287,7 +292,9 @@ class _Run:
             positions,
         )
         self.search = CCEDA(self.space, cfg.eda, cfg.seed)
-        self.fitness = IntegerFitness(cfg.fitness, logit_lsbs(self.initial, cfg.margin_clip))
+        self.fitness = IntegerFitness(
+            cfg.fitness, logit_lsbs(self.initial, cfg.margin_clip), cfg.overflow_penalty
+        )
         make = functools.partial(SimEvaluator, self.initial, self.fitness, cfg.device, cfg.compile)
         self.evaluator: Evaluator
         if cfg.target == "brevitas":
