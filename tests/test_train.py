@@ -526,6 +526,7 @@ def all_features(workspace, out: str, budget: int) -> TrainConfig:
         confirm_images=16,
         accumulator_bits=12,
         fit_accumulator=1.0,
+        overflow_penalty=2,
     )
     eda = EDAConfig(population=4, selected=2, group_size=64, widen_after=1, widen_below=0.99)
     return TrainConfig(**{**cfg.__dict__, "eda": eda, "max_fitness_images": 64, "eval_every": 1})
@@ -635,6 +636,7 @@ def test_cli_flags_of_the_evaluation_spending_and_stopping_features(tmp_path):
     from hwq.search.cli import train_config
 
     flags = "--grow-batch --grow-window 3 --grow-below 0.4 --max-fitness-images 1024 --widen-after 2"
+    flags += " --overflow-penalty 3"
     flags += (
         " --widen-below 0.8 --max-radius 3 --patience-evals 5000 --group-scope global --confirm-images 512"
     )
@@ -646,8 +648,13 @@ def test_cli_flags_of_the_evaluation_spending_and_stopping_features(tmp_path):
     assert (cfg.grow_batch, cfg.grow_window, cfg.grow_below, cfg.max_fitness_images) == (True, 3, 0.4, 1024)
     assert (cfg.eda.widen_after, cfg.eda.widen_below, cfg.max_radius) == (2, 0.8, 3)
     assert cfg.patience_evals == 5000 and cfg.eda.group_scope == "global" and cfg.confirm_images == 512
+    assert cfg.overflow_penalty == 3 and "overflow_penalty" in cfg.defining()
+    with pytest.raises(HwqError, match="needs the distill or margin fitness"):
+        TrainConfig(**{**cfg.__dict__, "fitness": "accuracy"}).validate()
+    with pytest.raises(HwqError, match="--overflow-penalty needs --target accel_sim"):
+        TrainConfig(**{**cfg.__dict__, "target": "brevitas", "confirm_images": 0}).validate()
     with pytest.raises(HwqError, match="--confirm-images needs --target accel_sim"):
-        TrainConfig(**{**cfg.__dict__, "target": "brevitas"}).validate()
+        TrainConfig(**{**cfg.__dict__, "target": "brevitas", "overflow_penalty": 0}).validate()
     assert "patience_evals" not in cfg.defining(), "patience is a budget: it may change on --resume"
     with pytest.raises(HwqError, match="widen-after needs a --max-radius above"):
         TrainConfig(**{**cfg.__dict__, "max_radius": 1}).validate()
