@@ -133,6 +133,7 @@ def one_line_error(capsys, workspace, text: str, needle: str) -> None:
         (TINY.replace('start = "rtn"', "") + 'start = "qat"', "search.start = 'qat'"),
         (TINY.replace("fc = [4, 8]", "conv9 = [4]"), "precision.layers names 'conv9'"),
         (TINY + "fit_accumulator = 0.2\n", "search.fit_accumulator must be true, false or a quantile"),
+        (TINY + "overflow_penalty = -1\n", "search.overflow_penalty must be a non-negative integer"),
     ],
 )
 def test_bad_space_files_are_one_line_errors(capsys, workspace, text, needle):
@@ -256,6 +257,23 @@ def test_the_fit_gives_each_accumulator_width_its_own_start(workspace):
     assert set(donor.meta["accumulator_fit"]["sums_divided_by"].values()) == {1.0}  # 32 bits: nothing grew
     _, copied = copy_matching_weights(program, donor)
     assert copied == sum(op.weight.size for op in program.conv_ops()[1:])  # all but the stem
+
+
+def test_the_fine_tune_searches_with_the_spaces_overflow_penalty(workspace):
+    from hwq.codesign.candidate import CandidateEvaluator, Settings
+
+    root, data, checkpoint, _ = workspace
+    base = dict(rows=8, cols=8, dataflow="os", weight_bytes=65536, input_bytes=65536, output_bytes=65536)
+    design = Design(layer_wbits=(4,) * 20, act_bits=8, acc_bits=14, overflow="wrap", **base)
+    where = root / "penalty"
+    evaluator = CandidateEvaluator(
+        Settings(checkpoint, data, str(where), False, "rtn", 4, 8, 0, overflow_penalty=5)
+    )
+    screened = evaluator.screen(design, str(where / "screen"))
+    assert screened["overflows"] > 0
+    evaluator.finetune(design, str(where / "tune"), screened["ir"], None)
+    run = json.loads((where / "tune" / "train" / "config.json").read_text())
+    assert run["overflow_penalty"] == 5 and run["accumulator_bits"] == 14
 
 
 # ----- a whole run -------------------------------------------------------------------

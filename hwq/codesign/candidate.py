@@ -53,6 +53,7 @@ class Settings:
     split_seed: int = DEFAULT_SPLIT_SEED
     calibration_images: int = DEFAULT_CALIBRATION_IMAGES
     fit_accumulator: float | None = None  # quantile of measured sums fitted to each design's accumulator
+    overflow_penalty: int = 0  # the fine-tune's fitness points per overflowed output (hwq train's)
 
     def start_key(self, design: Design) -> str:
         """Designs with one key share one start: one per precision, or, with the fit, one per
@@ -213,6 +214,7 @@ class CandidateEvaluator:
             eval_every=1 << 30,  # the val split is read twice: at the start and the end
             init_ir=str(warm),
             fit_accumulator=s.fit_accumulator,
+            overflow_penalty=s.overflow_penalty,
             val_fraction=s.val_fraction,
             split_seed=s.split_seed,
             calibration_images=s.calibration_images,

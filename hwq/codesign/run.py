@@ -173,6 +173,7 @@ class Codesign:
             fitness_images=self.space.search["fitness_images"],
             seed=self.space.search["seed"],
             fit_accumulator=self.space.search["fit_accumulator"],
+            overflow_penalty=self.space.search["overflow_penalty"],
         )
         self.reference = prepare(
             self.settings.checkpoint, QuantConfig(8, 8, self.space.per_channel), self.settings.data

@@ -69,6 +69,7 @@ SEARCH_DEFAULTS: dict[str, Any] = {
     "objectives": list(OBJECTIVES),
     "per_channel": True,
     "fit_accumulator": False,
+    "overflow_penalty": 0,
 }
 TABLES = {"precision", "accumulator", "array", "buffers", "dram", "energy", "constraints", "search"}
 
@@ -339,7 +340,7 @@ def read_search(doc: dict) -> dict[str, Any]:
         v = search[key]
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise HwqError(f"search.{key} must be a positive integer, got {v!r}")
-    for key in ("seed", "finetune_per_generation"):
+    for key in ("seed", "finetune_per_generation", "overflow_penalty"):
         v = search[key]
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise HwqError(f"search.{key} must be a non-negative integer, got {v!r}")
