@@ -240,9 +240,8 @@ class SimEvaluator(Evaluator):
             overflows = torch.zeros(population, dtype=torch.int64, device=self.device) if counting else None
             logits = self.sim.run_population(self.env, start, candidates, overflows)
             if logits is not None:
-                if overflows is None:
-                    return logits.cpu(), None
-                return logits.cpu(), overflows.cpu().numpy() + self.op_overflows[:start].sum()
+                before = self.op_overflows[:start].sum()
+                return logits.cpu(), None if overflows is None else overflows.cpu().numpy() + before
         return self.one_by_one(candidates)
 
     def one_by_one(self, candidates: dict[ParamKey, np.ndarray]) -> tuple[torch.Tensor, np.ndarray]:
