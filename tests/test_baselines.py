@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from accel_sim.functional import FunctionalSim
 from accel_sim.ir import load_program, program_digest
@@ -145,18 +146,50 @@ def test_qat_can_distill_the_float_network_with_adam(workspace, reference):
 
 
 def test_the_distillation_loss_is_zero_where_the_logits_are_the_float_networks(workspace):
-    from hwq.baselines.qat import make_loss, recipe_of
+    from hwq.baselines.qat import Batch, make_loss, recipe_of
     from hwq.baselines.run import MethodContext
 
     cfg = config(workspace, "qat", distill=True)
     prepared = prepare(workspace[2], cfg.quant(), workspace[1], 16)
     ctx = MethodContext(cfg, prepared, None, workspace[0] / "n")
     loss = make_loss(ctx, recipe_of(ctx))
-    images = load_split(workspace[1], "train").images[:8]
+    train = load_split(workspace[1], "train")
+    batch = Batch(train.images[:8], train.labels[:8], train.labels[:8])
     with torch.no_grad():
-        teacher = prepared.float_model.eval()(images)
-        assert float(loss(images, teacher, None)) == pytest.approx(0, abs=1e-5)
-        assert float(loss(images, teacher.flip(1), None)) > 0.01
+        teacher = prepared.float_model.eval()(batch.images)
+        assert float(loss(batch, teacher)) == pytest.approx(0, abs=1e-5)
+        assert float(loss(batch, teacher.flip(1))) > 0.01
+
+
+def test_mixup_blends_8_bit_images_and_weighs_both_labels_as_it_blended_them(workspace):
+    from hwq.baselines.qat import Batch, label_loss, mixup
+
+    train = load_split(workspace[1], "train")
+    images, labels = train.images[:16], train.labels[:16]
+    batch = mixup(images, labels, np.random.default_rng(3), alpha=0.4)
+    rng = np.random.default_rng(3)
+    lam, partner = rng.beta(0.4, 0.4), torch.from_numpy(rng.permutation(16))
+    assert batch.lam == lam and 0 < lam < 1 and batch.images.dtype == torch.uint8
+    assert (batch.partners == labels[partner]).all() and (batch.labels == labels).all()
+    exact = lam * images.double() + (1 - lam) * images[partner].double()
+    assert (batch.images.double() - exact).abs().max() <= 0.5 + 1e-4  # rounded to the nearest pixel
+    logits = torch.randn(16, 10)
+    own, theirs = F.cross_entropy(logits, labels), F.cross_entropy(logits, labels[partner])
+    assert float(label_loss(batch, logits)) == pytest.approx(float(lam * own + (1 - lam) * theirs))
+    assert float(label_loss(Batch(images, labels, labels[partner]), logits)) == float(own)
+
+
+def test_qat_with_mixup_trains_on_other_images_and_repeats_itself(workspace):
+    summaries = [
+        run_baseline(config(workspace, "qat", f"qat_mixup_{i}", optimizer="adam", mixup=0.4)) for i in (0, 1)
+    ]
+    plain = run_baseline(config(workspace, "qat", "qat_adam", optimizer="adam"))
+    assert "mixup of pairs" in summaries[0]["recipe"]["augmentation"]
+    assert "mixup" not in plain["recipe"]["augmentation"]
+    first, again, without = (load_program(s["final_ir"]) for s in (*summaries, plain))
+    assert program_digest(first) == program_digest(again)  # the same seed, the same mixing
+    pairs = zip(first.conv_ops(), without.conv_ops(), strict=True)
+    assert any((a.weight != b.weight).any() for a, b in pairs)  # trained on other images
 
 
 @pytest.mark.slow
@@ -244,7 +277,14 @@ def test_bad_input_is_one_line(workspace, runs, capsys):
         "--start applies to --method qat",
     )
     one_line_error(
-        capsys, [*base, "--method", "gptq", "--distill", "--out", str(root / "x")], "--distill and --optim"
+        capsys,
+        [*base, "--method", "gptq", "--distill", "--out", str(root / "x")],
+        "--distill, --mixup and --optim",
+    )
+    one_line_error(
+        capsys,
+        [*base, "--method", "qat", "--epochs", "1", "--mixup", "0", "--out", str(root / "x")],
+        "--mixup must be a positive alpha",
     )
     one_line_error(capsys, [*base, "--method", "rtn", "--out", str(root / "rtn")], "already holds a finished")
     one_line_error(

@@ -56,6 +56,7 @@ def baseline_config(args: argparse.Namespace) -> BaselineConfig:
         start=args.start,
         optimizer=args.optimizer,
         distill=args.distill,
+        mixup=args.mixup,
         calibration_images=args.calibration_images,
         fit_accumulator=args.fit_accumulator,
         val_fraction=args.val_fraction,
@@ -119,5 +120,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--distill",
         action="store_true",
         help="qat/a2q: learn the float network's logits (KL divergence, temperature 4), not the labels",
+    )
+    p.add_argument(
+        "--mixup",
+        type=float,
+        metavar="ALPHA",
+        help="qat/a2q: train on mixup pairs of augmented images, weight ~ Beta(ALPHA, ALPHA) per batch",
     )
     p.set_defaults(func=cmd_baseline)

@@ -46,6 +46,7 @@ class Recipe:
     optimizer: str
     distill: bool
     frozen_batchnorm: bool
+    mixup: float | None
 
     def to_json(self) -> dict:
         budget = f"{self.epochs} epochs" if self.epochs else f"{self.budget_minutes} minutes of wall time"
@@ -57,7 +58,13 @@ class Recipe:
             "weight_decay": f"{self.weight_decay} (not on scales and biases: filter_params)",
             "epochs": self.epochs,
             "budget_minutes": self.budget_minutes,
-            "augmentation": f"random crop with {CROP_PADDING}-pixel zero padding, horizontal flip",
+            "augmentation": f"random crop with {CROP_PADDING}-pixel zero padding, horizontal flip"
+            + (
+                f"; mixup of pairs, one weight per batch ~ Beta({self.mixup:g}, {self.mixup:g}), "
+                "pixels rounded to 8 bits"
+                if self.mixup
+                else ""
+            ),
             "loss": (
                 f"KL divergence to the float network's logits at temperature {DISTILL_TEMPERATURE:g}, x T^2"
                 if self.distill
@@ -83,6 +90,7 @@ def recipe_of(ctx: MethodContext) -> Recipe:
         optimizer=cfg.optimizer,
         distill=cfg.distill,
         frozen_batchnorm=cfg.start != "rtn",
+        mixup=cfg.mixup,
     )
 
 
@@ -99,7 +107,26 @@ def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     return torch.optim.SGD(groups, lr=recipe.lr, momentum=MOMENTUM)
 
 
-Loss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+@dataclass(frozen=True)
+class Batch:
+    """One step's images (uint8, augmented and perhaps mixed) and what they are labelled:
+    an image mixed from two is `lam` parts its own label and 1 - `lam` its partner's."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    partners: torch.Tensor
+    lam: float = 1.0
+
+
+Loss = Callable[[Batch, torch.Tensor], torch.Tensor]
+
+
+def label_loss(batch: Batch, logits: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy on the labels; mixup's on both labels, weighted as the images were."""
+    own = F.cross_entropy(logits, batch.labels)
+    if batch.lam == 1:
+        return own
+    return batch.lam * own + (1 - batch.lam) * F.cross_entropy(logits, batch.partners)
 
 
 def make_loss(ctx: MethodContext, recipe: Recipe) -> Loss:
@@ -107,13 +134,13 @@ def make_loss(ctx: MethodContext, recipe: Recipe) -> Loss:
     for the same augmented images: at a few bits the labels say less than the float network's
     ranking of every class, which the integer program has to reproduce."""
     if not recipe.distill:
-        return lambda _images, logits, labels: F.cross_entropy(logits, labels)
+        return label_loss
     teacher = ctx.prepared.float_model.eval()
     t = DISTILL_TEMPERATURE
 
-    def distill(images: torch.Tensor, logits: torch.Tensor, _labels: torch.Tensor) -> torch.Tensor:
+    def distill(batch: Batch, logits: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            soft = F.softmax(teacher(images) / t, dim=1)
+            soft = F.softmax(teacher(batch.images) / t, dim=1)
         return F.kl_div(F.log_softmax(logits / t, dim=1), soft, reduction="batchmean") * t * t
 
     return distill
@@ -135,6 +162,31 @@ def augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     flip = torch.rand(n, generator=gen) < 0.5
     crops = torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
     return torch.where(flip.view(-1, 1, 1, 1), crops.flip(3), crops)
+
+
+def mixup(images: torch.Tensor, labels: torch.Tensor, rng: np.random.Generator, alpha: float) -> Batch:
+    """Zhang et al.'s mixup: each image blended with another of the batch, one weight per
+    batch from Beta(alpha, alpha), rounded back to 8-bit pixels, since the integer program
+    reads 8-bit images. With `--distill` the float network labels the blend itself (Beyer et
+    al.'s function matching), which is what lets a few thousand images teach a long run."""
+    lam = float(rng.beta(alpha, alpha))
+    partner = torch.from_numpy(rng.permutation(len(images)))
+    blend = lam * images.float() + (1 - lam) * images[partner].float()
+    return Batch(blend.round().to(torch.uint8), labels, labels[partner], lam)
+
+
+def training_batch(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    gen: torch.Generator,
+    mix: tuple[np.random.Generator, float] | None,
+) -> Batch:
+    """Augmented images, mixed when `mix` = (rng, alpha): mixup draws from its own
+    generator so that a run without it keeps the crops and flips it always had."""
+    augmented = augment(images, gen)
+    if mix is None:
+        return Batch(augmented, labels, labels)
+    return mixup(augmented, labels, *mix)
 
 
 class Schedule:
@@ -169,6 +221,7 @@ def train_model(ctx: MethodContext, model: nn.Module, penalty: Penalty | None = 
     optimizer = make_optimizer(model, recipe)
     objective = make_loss(ctx, recipe)
     gen = torch.Generator().manual_seed(ctx.cfg.seed)
+    mix = (np.random.default_rng(ctx.cfg.seed), recipe.mixup) if recipe.mixup else None
     step, epoch, elapsed = 0, 0, 0.0
     start = time.perf_counter()
     set_train_mode(model, recipe)
@@ -180,9 +233,9 @@ def train_model(ctx: MethodContext, model: nn.Module, penalty: Penalty | None = 
                 lr = schedule.lr(step, elapsed)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                images, labels = augment(train.images[index], gen), train.labels[index]
-                logits = model(images)
-                loss = objective(images, logits, labels)
+                batch = training_batch(train.images[index], train.labels[index], gen, mix)
+                logits = model(batch.images)
+                loss = objective(batch, logits)
                 extra = penalty() if penalty else None
                 total = loss if extra is None else loss + A2Q_REG_WEIGHT * extra
                 optimizer.zero_grad()
@@ -192,7 +245,7 @@ def train_model(ctx: MethodContext, model: nn.Module, penalty: Penalty | None = 
                 elapsed = time.perf_counter() - start
                 totals += (
                     float(loss) * len(index),
-                    int((logits.argmax(1) == labels).sum()),
+                    int((logits.argmax(1) == batch.labels).sum()),
                     len(index),
                     0.0 if extra is None else float(extra),
                 )

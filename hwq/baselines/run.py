@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 import warnings
 from collections.abc import Callable
@@ -67,6 +68,7 @@ class BaselineConfig:
     start: str = "rtn"  # qat: the post-training method whose program it fine-tunes
     optimizer: str = "sgd"
     distill: bool = False  # train on the float network's logits instead of the labels
+    mixup: float | None = None  # alpha of the Beta(alpha, alpha) mixing weight of image pairs
     calibration_images: int = DEFAULT_CALIBRATION_IMAGES
     fit_accumulator: float | None = None  # quantile of measured sums fitted to the accumulator
     val_fraction: float = DEFAULT_VAL_FRACTION
@@ -118,8 +120,12 @@ class BaselineConfig:
             raise HwqError(f"--optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
         if self.start != "rtn" and self.method != "qat":
             raise HwqError(f"--start applies to --method qat, not {self.method} (A2Q starts from EP-init)")
-        if not trains and (self.distill or self.optimizer != "sgd"):
-            raise HwqError(f"--distill and --optimizer apply to {', '.join(QAT_METHODS)}, not {self.method}")
+        if not trains and (self.distill or self.optimizer != "sgd" or self.mixup is not None):
+            raise HwqError(
+                f"--distill, --mixup and --optimizer apply to {', '.join(QAT_METHODS)}, not {self.method}"
+            )
+        if self.mixup is not None and not (math.isfinite(self.mixup) and self.mixup > 0):
+            raise HwqError(f"--mixup must be a positive alpha (got {self.mixup})")
 
     @property
     def learned_round_iters(self) -> int:
