@@ -168,7 +168,8 @@ def mixup(images: torch.Tensor, labels: torch.Tensor, rng: np.random.Generator, 
     """Zhang et al.'s mixup: each image blended with another of the batch, one weight per
     batch from Beta(alpha, alpha), rounded back to 8-bit pixels, since the integer program
     reads 8-bit images. With `--distill` the float network labels the blend itself (Beyer et
-    al.'s function matching), which is what lets a few thousand images teach a long run."""
+    al.'s function matching), meant to let a few thousand images teach a long run; at W2A8
+    it lost (docs/baselines.md, "QAT from a post-training start")."""
     lam = float(rng.beta(alpha, alpha))
     partner = torch.from_numpy(rng.permutation(len(images)))
     blend = lam * images.float() + (1 - lam) * images[partner].float()
