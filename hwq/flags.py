@@ -130,6 +130,7 @@ def add_model_flags(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument("--per-channel", action="store_true", help="per-output-channel weight scales")
     p.add_argument("--first-wbits", type=int, help="weight bits of the first conv (default: --wbits)")
     p.add_argument("--last-wbits", type=int, help="weight bits of the classifier (default: --wbits)")
+    add_weight_range_flag(p)
     p.add_argument(
         "--calibration-images",
         type=positive_int,
@@ -138,6 +139,18 @@ def add_model_flags(p: argparse.ArgumentParser, required: bool = False) -> None:
     )
     p.add_argument(
         "--mult-bits", type=MULT_BITS, default=DEFAULT_MULT_BITS, help="requantization multiplier width"
+    )
+
+
+def add_weight_range_flag(p: argparse.ArgumentParser, default: str | None = "narrow") -> None:
+    from .quant.model import WEIGHT_RANGES
+
+    p.add_argument(
+        "--weight-range",
+        choices=WEIGHT_RANGES,
+        default=default,
+        help="narrow: symmetric weights, [-(2^(b-1)-1), 2^(b-1)-1] (Brevitas' narrow_range, the "
+        "default); full: also -2^(b-1), four levels at 2 bits instead of three",
     )
 
 
@@ -184,7 +197,8 @@ def quant_config(args: argparse.Namespace) -> QuantConfig:
 
     if args.wbits is None or args.abits is None:
         raise HwqError("--wbits and --abits are required with --checkpoint")
-    cfg = QuantConfig(args.wbits, args.abits, args.per_channel, args.first_wbits, args.last_wbits)
+    widths = (args.wbits, args.abits, args.per_channel, args.first_wbits, args.last_wbits)
+    cfg = QuantConfig(*widths, weight_range=args.weight_range)
     cfg.validate()
     return cfg
 

@@ -6,9 +6,11 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from accel_sim.ir import Program
 from hwq.data import load_split
 from hwq.quant.lower import lower
 from hwq.quant.model import QuantConfig, ResNetCifar, calibrate, load_float_model, quantize_model
@@ -102,3 +104,8 @@ def write_checkpoint(path: Path, model: ResNetCifar | None = None) -> Path:
     state = (model or random_resnet()).state_dict()
     torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}, "best_prec1": 0.0}, path)
     return path
+
+
+def weight_levels(program: Program) -> set[int]:
+    """Every integer level some weight of the program takes."""
+    return {int(v) for v in np.unique(np.concatenate([op.weight.ravel() for op in program.conv_ops()]))}

@@ -22,7 +22,7 @@ from hwq.data import load_split
 from hwq.quant.evaluate import evaluate_program, prepare
 from hwq.search.start import same_scales
 
-from .helpers import write_checkpoint, write_cifar_batches
+from .helpers import weight_levels, write_checkpoint, write_cifar_batches
 
 A2Q_ACC_BITS = 16
 BUDGETS = {
@@ -192,6 +192,14 @@ def test_qat_with_mixup_trains_on_other_images_and_repeats_itself(workspace):
     assert any((a.weight != b.weight).any() for a, b in pairs)  # trained on other images
 
 
+def test_qat_with_full_range_weights_trains_2_bit_weights_on_four_levels(workspace):
+    summary = run_baseline(config(workspace, "qat", "qat_full_w2", wbits=2, weight_range="full"))
+    program = load_program(summary["final_ir"])
+    assert program.meta["weight_range"] == "full"
+    assert weight_levels(program) == {-2, -1, 0, 1}
+    assert evaluate_program(program, load_split(workspace[1], "val")).accuracy == summary["val_accuracy"]
+
+
 @pytest.mark.slow
 def test_qat_from_gpfq_fine_tunes_gpfqs_program_with_frozen_batchnorm(workspace, runs):
     """At a vanishing learning rate the fine-tune ends where it started: on GPFQ's integers,
@@ -285,6 +293,11 @@ def test_bad_input_is_one_line(workspace, runs, capsys):
         capsys,
         [*base, "--method", "qat", "--epochs", "1", "--mixup", "0", "--out", str(root / "x")],
         "--mixup must be a positive alpha",
+    )
+    one_line_error(
+        capsys,
+        [*base, "--method", "a2q", "--epochs", "1", "--weight-range", "full", "--out", str(root / "x")],
+        "--weight-range full does not apply to --method a2q",
     )
     one_line_error(capsys, [*base, "--method", "rtn", "--out", str(root / "rtn")], "already holds a finished")
     one_line_error(

@@ -20,7 +20,7 @@ from hwq.quant.model import (
     quantize_model,
 )
 
-from .helpers import SHARED, calibration_images, random_resnet, write_checkpoint
+from .helpers import SHARED, calibration_images, random_resnet, weight_levels, write_checkpoint
 from .reference_datapath import run_reference
 
 
@@ -180,3 +180,25 @@ def test_quantization_error_of_resnet56_falls_with_the_step():
     )
     for c, f in zip(coarse, fine, strict=True):
         assert f < c / 2, (coarse, fine)
+
+
+def test_full_range_weights_take_four_levels_at_2_bits_and_lower_as_brevitas_computes():
+    """Brevitas' narrow_range off: 2-bit weights take -2, -1, 0 and 1 (narrow: three levels),
+    the IR says so, and each integer op still computes Brevitas' op to 1 LSB."""
+    torch.manual_seed(20)
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    model = bn_statistics_from(ResNetCifar(20), images)
+    levels = {}
+    for weight_range in ("narrow", "full"):
+        cfg = QuantConfig(2, 8, per_channel=True, weight_range=weight_range)
+        qmodel, program = deep_program(model, cfg, images)
+        levels[weight_range] = weight_levels(program)
+        local = layer_lsb_differences(qmodel, program, images[:2])["local"]
+        assert max(v for k, v in local.items() if k != program.output) <= 1, (weight_range, local)
+        assert program.meta.get("weight_range", "narrow") == weight_range
+    assert levels == {"narrow": {-1, 0, 1}, "full": {-2, -1, 0, 1}}
+
+
+def test_an_unknown_weight_range_is_named():
+    with pytest.raises(HwqError, match="--weight-range 'wide' is not one of narrow, full"):
+        QuantConfig(2, 8, weight_range="wide").validate()

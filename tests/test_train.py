@@ -527,6 +527,7 @@ def all_features(workspace, out: str, budget: int) -> TrainConfig:
         accumulator_bits=12,
         fit_accumulator=1.0,
         overflow_penalty=2,
+        weight_range="full",
     )
     eda = EDAConfig(population=4, selected=2, group_size=64, widen_after=1, widen_below=0.99)
     return TrainConfig(**{**cfg.__dict__, "eda": eda, "max_fitness_images": 64, "eval_every": 1})
@@ -547,6 +548,9 @@ def test_every_feature_acts_in_the_tiny_run(featured):
     assert summary["weights_widened"] > 0
     fit = load_program(Path(summary["final_ir"]).parent / "initial.ir").meta["accumulator_fit"]
     assert fit["bits"] == 12 and max(fit["sums_divided_by"].values()) > 1, "the scales were fitted"
+    final = load_program(summary["final_ir"])
+    lowest = min(int(final.op(n).weight.min()) for n in ("layer3.2.conv2", "fc"))
+    assert lowest == -8, "--weight-range full: 4-bit weights take -8, which narrow weights never do"
     assert summary["stopped"] in ("budget", "patience") and summary["complete"]
     confirmation = summary["confirmation"]
     assert confirmation["tested"] > confirmation["held"] > 0, "some winners fail on fresh images"
@@ -759,6 +763,19 @@ def test_init_ir_must_match_the_architecture_and_widths(workspace, uninterrupted
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "does not match the program lowered from" in err
     assert not (root / "w3cli" / "state.pkl").exists()
+
+
+def test_a_full_range_init_ir_is_refused_by_a_narrow_run_and_taken_by_a_full_one(workspace, uninterrupted):
+    root, data, checkpoint = workspace
+    full = prepare(checkpoint, QuantConfig(4, 8, weight_range="full"), data, 32).program
+    assert full.meta["weight_range"] == "full" and full.op("fc").weight.min() == -8
+    save_program(full, root / "full.ir")
+    with pytest.raises(HwqError, match=r"outside the narrow range \[-7, 7\] .*--weight-range full"):
+        train(config(workspace, "full_into_narrow", 4, init_ir=str(root / "full.ir")))
+    summary = train(
+        config(workspace, "full_into_full", 4, init_ir=str(root / "full.ir"), weight_range="full")
+    )
+    assert summary["start"]["positions"] == "checkpoint", "the same lowering: the same scales"
 
 
 def test_a_changed_init_ir_is_refused_on_resume(workspace, uninterrupted, capsys):

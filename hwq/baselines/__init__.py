@@ -11,6 +11,7 @@ from __future__ import annotations
 PTQ_METHODS = ("rtn", "gptq", "gpfq", "learned-round")
 # Quantization-aware training with straight-through estimators: plain, A2Q and A2Q+.
 QAT_METHODS = ("qat", "a2q", "a2q-plus")
+A2Q_METHODS = ("a2q", "a2q-plus")  # Brevitas' accumulator-aware (narrow-range) weight quantizers
 METHODS = PTQ_METHODS + QAT_METHODS
 # What `hwq sweep --methods` runs besides the baselines: CC-EDA from round-to-nearest, and
 # CC-EDA from the most accurate baseline of the same point (hwq train --init-ir).

@@ -44,6 +44,7 @@ def baseline_config(args: argparse.Namespace) -> BaselineConfig:
         per_channel=args.per_channel,
         first_wbits=args.first_wbits,
         last_wbits=args.last_wbits,
+        weight_range=args.weight_range,
         mult_bits=args.mult_bits,
         hw=args.hw,
         seed=args.seed,

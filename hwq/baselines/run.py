@@ -33,7 +33,7 @@ from ..quant.evaluate import ModeResult, Prepared, evaluate_model, evaluate_prog
 from ..quant.lower import lower
 from ..quant.model import QuantConfig, ResNetCifar
 from ..results import write_json
-from . import DEFAULT_LEARNED_ROUND_ITERS, METHODS, OPTIMIZERS, QAT_METHODS, QAT_STARTS
+from . import A2Q_METHODS, DEFAULT_LEARNED_ROUND_ITERS, METHODS, OPTIMIZERS, QAT_METHODS, QAT_STARTS
 
 SUMMARY_FILE = "summary.json"
 LOG_FILE = "log.jsonl"
@@ -54,6 +54,7 @@ class BaselineConfig:
     first_wbits: int | None = None
     last_wbits: int | None = None
     layer_wbits: tuple[int, ...] | None = None  # every weight layer's width (hwq codesign)
+    weight_range: str = "narrow"
     accumulator_bits: int = 32
     overflow: str = "wrap"
     mult_bits: int = DEFAULT_MULT_BITS
@@ -76,7 +77,13 @@ class BaselineConfig:
 
     def quant(self) -> QuantConfig:
         return QuantConfig(
-            self.wbits, self.abits, self.per_channel, self.first_wbits, self.last_wbits, self.layer_wbits
+            self.wbits,
+            self.abits,
+            self.per_channel,
+            self.first_wbits,
+            self.last_wbits,
+            self.layer_wbits,
+            self.weight_range,
         )
 
     def accumulator(self) -> Accumulator:
@@ -118,6 +125,11 @@ class BaselineConfig:
             raise HwqError(f"--start {self.start!r} is not one of {', '.join(QAT_STARTS)}")
         if self.optimizer not in OPTIMIZERS:
             raise HwqError(f"--optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        if self.weight_range != "narrow" and self.method in A2Q_METHODS:
+            raise HwqError(
+                f"--weight-range full does not apply to --method {self.method}: "
+                "A2Q's weight quantizers are narrow-range"
+            )
         if self.start != "rtn" and self.method != "qat":
             raise HwqError(f"--start applies to --method qat, not {self.method} (A2Q starts from EP-init)")
         if not trains and (self.distill or self.optimizer != "sgd" or self.mixup is not None):

@@ -86,7 +86,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
             "program": {
                 k: program.meta.get(k)
                 for k in ("model", "wbits", "abits", "per_channel", "first_wbits", "last_wbits")
-            },
+            }
+            | {"weight_range": program.meta.get("weight_range", "narrow")},
             "ir_sha256": program_digest(program),
         },
     }

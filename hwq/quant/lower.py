@@ -87,14 +87,17 @@ def weight_ints_and_scale(layer: nn.Module) -> tuple[np.ndarray, np.ndarray]:
 
 def weight_positions(model: ResNetCifar, program: Program) -> dict[str, np.ndarray]:
     """Each conv op's float weights in units of their quantization step: the real values
-    the integer weights were rounded from (the trainer's prior over levels)."""
+    the integer weights were rounded from (the trainer's prior over levels). A weight the
+    quantizer clamps (full range: the largest positive ones) sits half a level beyond its
+    level, as close as it can be while that level stays the nearest."""
     modules = dict(model.named_modules())
     out = {}
     for name, path in program.meta["weight_sources"].items():
         layer = modules[path]
-        scale = layer.quant_weight().scale.detach()
-        position = (layer.weight.detach() / scale).double().numpy()
-        out[name] = position.reshape(program.op(name).weight.shape)
+        qw = layer.quant_weight()
+        position = (layer.weight.detach() / qw.scale.detach()).double().numpy()
+        level = qw.int().detach().double().numpy()
+        out[name] = np.clip(position, level - 0.5, level + 0.5).reshape(program.op(name).weight.shape)
     return out
 
 
@@ -241,6 +244,7 @@ class _Lowering:
                 "first_wbits": self.cfg.stem_wbits,
                 "last_wbits": self.cfg.head_wbits,
                 **({"layer_wbits": list(self.cfg.layer_wbits)} if self.cfg.layer_wbits else {}),
+                **({} if self.cfg.narrow_weights else {"weight_range": self.cfg.weight_range}),
                 "input": "raw uint8 RGB; per-channel normalization folded into conv1",
                 "sources": self.sources,
                 "weight_sources": self.weight_sources,

@@ -31,6 +31,7 @@ CIFAR_MEAN = (0.485, 0.456, 0.406)
 CIFAR_STD = (0.229, 0.224, 0.225)
 DEPTHS = (20, 32, 44, 56)
 MIN_BITS, MAX_BITS = 2, 16
+WEIGHT_RANGES = ("narrow", "full")
 STAGE_WIDTHS = (16, 32, 64)
 
 KNOWN_CHECKPOINTS = {
@@ -53,7 +54,11 @@ class QuantConfig:
 
     `layer_wbits`, when given, is every weight layer's width in network order (the stem
     conv, each block's conv1 and conv2, the fc: the order of the IR's conv ops) and
-    overrides the three above, so a mixed-precision network is one config (hwq codesign)."""
+    overrides the three above, so a mixed-precision network is one config (hwq codesign).
+
+    `weight_range` is Brevitas' `narrow_range`: "narrow" weights are symmetric,
+    [-(2^(b-1)-1), 2^(b-1)-1], "full" ones also take -2^(b-1), which at 2 bits is the
+    difference between three levels and four."""
 
     wbits: int
     abits: int
@@ -61,6 +66,11 @@ class QuantConfig:
     first_wbits: int | None = None
     last_wbits: int | None = None
     layer_wbits: tuple[int, ...] | None = None
+    weight_range: str = "narrow"
+
+    @property
+    def narrow_weights(self) -> bool:
+        return self.weight_range == "narrow"
 
     @property
     def stem_wbits(self) -> int:
@@ -80,6 +90,8 @@ class QuantConfig:
                 raise HwqError(
                     f"weight bits {value} of weight layer {i} are out of range [{MIN_BITS}, {MAX_BITS}]"
                 )
+        if self.weight_range not in WEIGHT_RANGES:
+            raise HwqError(f"--weight-range {self.weight_range!r} is not one of {', '.join(WEIGHT_RANGES)}")
 
     def check_layers(self, weight_layers: int) -> None:
         """`layer_wbits` must name every weight layer of the network, no more."""
@@ -159,7 +171,9 @@ class QuantLayers:
         self.cfg = cfg
         if weight_quant is None:
             base = Int8WeightPerChannelFloat if cfg.per_channel else Int8WeightPerTensorFloat
-            weight_quant = base.let(scaling_impl_type=ScalingImplType.PARAMETER_FROM_STATS)
+            weight_quant = base.let(
+                scaling_impl_type=ScalingImplType.PARAMETER_FROM_STATS, narrow_range=cfg.narrow_weights
+            )
         self.weight_quant = weight_quant
         self.weight_layers = 0  # weight layers made so far: the index into cfg.layer_wbits
 

@@ -12,6 +12,7 @@ from .. import HwqError
 from ..flags import (
     MULT_BITS,
     add_fit_flag,
+    add_weight_range_flag,
     nonnegative_int,
     open_fraction,
     positive_float,
@@ -154,6 +155,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--first-wbits", type=int, help="weight bits of the first conv (default: --wbits)")
     p.add_argument("--last-wbits", type=int, help="weight bits of the classifier (default: --wbits)")
+    add_weight_range_flag(p, default=None)
     p.add_argument(
         "--hw", help="accelerator TOML (examples/*.toml): its operand widths and accumulator are the target's"
     )

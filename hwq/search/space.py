@@ -109,10 +109,11 @@ def program_space(
     radius: int,
     max_radius: int,
     positions: dict[str, np.ndarray],
+    narrow: bool = True,
 ) -> SearchSpace:
     """The search space over `layers` (default every conv): their weights at `radius`
-    (widening up to `max_radius`), then, as `search` asks, their biases and multipliers
-    (widening as far beyond their own radius as the weights may)."""
+    (widening up to `max_radius`, within the narrow or full range), then, as `search` asks,
+    their biases and multipliers (widening as far beyond their own radius as the weights may)."""
     convs = {op.name: op for op in program.conv_ops()}
     names = tuple(layers or convs)
     unknown = [n for n in names if n not in convs]
@@ -122,7 +123,9 @@ def program_space(
     blocks: list[ParamBlock] = []
     if "weights" in search:
         blocks += [
-            weight_block(n, convs[n].weight, convs[n].weight_bits, radius, positions.get(n), max_radius)
+            weight_block(
+                n, convs[n].weight, convs[n].weight_bits, radius, positions.get(n), max_radius, narrow
+            )
             for n in names
         ]
     if "bias" in search:

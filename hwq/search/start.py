@@ -104,19 +104,26 @@ def same_scales(given: Program, reference: Program) -> bool:
     )
 
 
-def check_weight_range(program: Program, path: str) -> None:
-    """The search keeps weights in Brevitas' symmetric range; a base outside it has no level."""
+def check_weight_range(program: Program, path: str, narrow: bool) -> None:
+    """The search keeps weights in the run's range (Brevitas' narrow or full); a base
+    outside it has no level."""
     for op in program.conv_ops():
-        limit = (1 << (op.weight_bits - 1)) - 1
-        if np.abs(op.weight).max(initial=0) > limit:
+        hi = (1 << (op.weight_bits - 1)) - 1
+        lo = -hi if narrow else -hi - 1
+        if op.weight.size and (op.weight.min() < lo or op.weight.max() > hi):
+            hint = " (a program of --weight-range full?)" if narrow else ""
             raise HwqError(
-                f"--init-ir {path}: op {op.name} has a weight outside the symmetric range "
-                f"[-{limit}, {limit}] that the search uses"
+                f"--init-ir {path}: op {op.name} has a weight outside the "
+                f"{'narrow' if narrow else 'full'} range [{lo}, {hi}] that the search uses{hint}"
             )
 
 
 def start_from(
-    path: str, reference: Program, checkpoint_positions: dict[str, np.ndarray], what: str
+    path: str,
+    reference: Program,
+    checkpoint_positions: dict[str, np.ndarray],
+    what: str,
+    narrow: bool = True,
 ) -> Start:
     """The given program as the search's start, checked against the lowered `reference`.
 
@@ -127,7 +134,7 @@ def start_from(
     problem = structure_mismatch(program, reference)
     if problem:
         raise HwqError(f"--init-ir {path} does not match the program lowered from {what}: {problem}")
-    check_weight_range(program, path)
+    check_weight_range(program, path, narrow)
     program = program.with_accumulator(reference.accumulator)
     levels = {op.name: op.weight.astype(np.float64) for op in program.conv_ops()}
     if not same_scales(program, reference):

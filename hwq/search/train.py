@@ -71,6 +71,7 @@ RUN_DEFINING = (
     "first_wbits",
     "last_wbits",
     "layer_wbits",
+    "weight_range",
     "target",
     "accumulator_bits",
     "overflow",
@@ -113,6 +114,7 @@ class TrainConfig:
     first_wbits: int | None = None
     last_wbits: int | None = None
     layer_wbits: tuple[int, ...] | None = None  # every weight layer's width (hwq codesign)
+    weight_range: str = "narrow"  # Brevitas' narrow_range: the levels a weight may take
     target: str = "accel_sim"
     accumulator_bits: int = 32
     overflow: str = "wrap"
@@ -155,7 +157,13 @@ class TrainConfig:
 
     def quant(self) -> QuantConfig:
         return QuantConfig(
-            self.wbits, self.abits, self.per_channel, self.first_wbits, self.last_wbits, self.layer_wbits
+            self.wbits,
+            self.abits,
+            self.per_channel,
+            self.first_wbits,
+            self.last_wbits,
+            self.layer_wbits,
+            self.weight_range,
         )
 
     def accumulator(self) -> Accumulator:
@@ -290,6 +298,7 @@ class _Run:
             cfg.radius,
             cfg.max_radius if cfg.eda.widen_after else cfg.radius,
             positions,
+            cfg.quant().narrow_weights,
         )
         self.search = CCEDA(self.space, cfg.eda, cfg.seed)
         self.fitness = IntegerFitness(
@@ -739,7 +748,7 @@ def starting_point(
     if cfg.init_ir is None:
         return lowered, positions, {"init_ir": None, "positions": POSITIONS_FROM_CHECKPOINT}
     what = f"{cfg.checkpoint} at W{cfg.wbits}A{cfg.abits}{' per-channel' if cfg.per_channel else ''}"
-    start = start_from(cfg.init_ir, lowered, positions, what)
+    start = start_from(cfg.init_ir, lowered, positions, what, cfg.quant().narrow_weights)
     if cfg.target == "brevitas" and start.source != POSITIONS_FROM_CHECKPOINT:
         raise HwqError(
             f"--target brevitas writes integers into the Brevitas layers at the lowering's scales, but "
