@@ -253,8 +253,9 @@ def test_names_that_collide_with_derived_ones_are_refused():
         (QuantConfig(4, 8), WIDE, 8),
         pytest.param(QuantConfig(3, 8, per_channel=True), WIDE, 32, marks=pytest.mark.slow),
         pytest.param(QuantConfig(4, 8), Accumulator(12, "wrap"), 32, marks=pytest.mark.slow),
+        (QuantConfig(2, 8, per_channel=True, weight_range="full"), WIDE, 8),
     ],
-    ids=["w4a8", "w3a8-per-channel", "w4a8-acc12-wrap"],
+    ids=["w4a8", "w3a8-per-channel", "w4a8-acc12-wrap", "w2a8-full-range"],
 )
 def test_resnet20_export_equals_accel_sim_on_real_images(cfg, accumulator, images):
     program = program_for(cfg).with_accumulator(accumulator)
