@@ -76,6 +76,15 @@ def int_in(lo: int, hi: int) -> Callable[[str], int]:
     return parse
 
 
+def bit_widths(text: str) -> tuple[int, ...]:
+    """Comma-separated bit widths, one per weight layer (--layer-wbits)."""
+    widths = tuple(_number(part.strip(), int) for part in text.split(","))
+    bad = [w for w in widths if w < 1]
+    if bad:
+        raise argparse.ArgumentTypeError(f"{bad[0]} is not a positive width")
+    return widths
+
+
 def output_file(text: str) -> str:
     """A file a command will write (--json, --save-ir, --csv): refused now if it cannot be."""
     problem = output_file_problem(Path(text))
@@ -130,6 +139,7 @@ def add_model_flags(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument("--per-channel", action="store_true", help="per-output-channel weight scales")
     p.add_argument("--first-wbits", type=int, help="weight bits of the first conv (default: --wbits)")
     p.add_argument("--last-wbits", type=int, help="weight bits of the classifier (default: --wbits)")
+    add_layer_wbits_flag(p)
     add_weight_range_flag(p)
     p.add_argument(
         "--calibration-images",
@@ -140,6 +150,29 @@ def add_model_flags(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument(
         "--mult-bits", type=MULT_BITS, default=DEFAULT_MULT_BITS, help="requantization multiplier width"
     )
+
+
+def add_layer_wbits_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--layer-wbits",
+        type=bit_widths,
+        metavar="B,B,...",
+        help="every weight layer's bits in network order (the stem, each block's conv1 and conv2, "
+        "the classifier: hwq codesign's layer_wbits); --wbits is then the widest",
+    )
+
+
+def layer_wbits_settings(args: argparse.Namespace) -> dict:
+    """--layer-wbits and the --wbits it implies (the widest layer's, the width the
+    accelerator's PEs must hold), refused beside flags that set some layers' widths too."""
+    widths = getattr(args, "layer_wbits", None)
+    if widths is None:
+        return {}
+    if args.first_wbits is not None or args.last_wbits is not None:
+        raise HwqError("--layer-wbits sets every layer's width: drop --first-wbits and --last-wbits")
+    if args.wbits is not None and args.wbits != max(widths):
+        raise HwqError(f"--wbits {args.wbits} is not the widest of --layer-wbits ({max(widths)})")
+    return {"wbits": max(widths), "layer_wbits": widths}
 
 
 def add_weight_range_flag(p: argparse.ArgumentParser, default: str | None = "narrow") -> None:
@@ -195,10 +228,12 @@ def accumulator_fit(quantile: float | None, accumulator: Accumulator | None) -> 
 def quant_config(args: argparse.Namespace) -> QuantConfig:
     from .quant.model import QuantConfig
 
-    if args.wbits is None or args.abits is None:
+    layers = layer_wbits_settings(args)
+    wbits = layers.get("wbits", args.wbits)
+    if wbits is None or args.abits is None:
         raise HwqError("--wbits and --abits are required with --checkpoint")
-    widths = (args.wbits, args.abits, args.per_channel, args.first_wbits, args.last_wbits)
-    cfg = QuantConfig(*widths, weight_range=args.weight_range)
+    widths = (wbits, args.abits, args.per_channel, args.first_wbits, args.last_wbits)
+    cfg = QuantConfig(*widths, layers.get("layer_wbits"), args.weight_range)
     cfg.validate()
     return cfg
 

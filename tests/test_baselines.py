@@ -329,6 +329,14 @@ def test_cli_runs_a_baseline_for_an_accelerator_file(workspace, capsys):
     assert (summary["settings"]["wbits"], summary["settings"]["abits"]) == (4, 8)
     with pytest.raises(HwqError, match="needs exactly one"):
         run_baseline(config(workspace, "qat", "never", epochs=None))
+    mixed = [4] + [2] * 18 + [3]
+    widths = ["--layer-wbits", ",".join(map(str, mixed))]
+    assert main([*argv, *widths, "--calibration-images", "16", "--out", str(root / "hw_mixed")]) == 0
+    program = load_program(root / "hw_mixed" / "final.ir")
+    assert [op.weight_bits for op in program.conv_ops()] == mixed
+    capsys.readouterr()
+    assert main([*argv, "--layer-wbits", ",".join(["8"] * 20), "--out", str(root / "hw_wide")]) == 2
+    assert "--wbits 8 does not fit" in capsys.readouterr().err, "no layer may be wider than the PEs"
 
 
 def test_a_baselines_ir_runs_on_hwq_eval_sim_and_the_rtl(workspace, runs, tmp_path, capsys):

@@ -84,6 +84,18 @@ def test_eval_all_modes_writes_json_and_ir_reproduces_it(workspace):
     assert replay["config"]["ir_sha256"] == report["config"]["ir_sha256"]
 
 
+def test_eval_takes_every_layers_width_and_the_ir_records_them(workspace):
+    """hwq codesign's mixed precision from the command line: --wbits is the widest layer's."""
+    root, data, checkpoint = workspace
+    widths = [8] + [2] * 18 + [8]
+    ir = root / "mixed.ir"
+    args = ["--checkpoint", checkpoint, "--data", data, "--abits", "8", "--limit", "8"]
+    assert run_eval(*args, "--layer-wbits", ",".join(map(str, widths)), "--save-ir", str(ir)) == 0
+    program = load_program(ir)
+    assert [op.weight_bits for op in program.conv_ops()] == widths
+    assert program.meta["wbits"] == 8 and program.meta["layer_wbits"] == widths
+
+
 def test_accumulator_override_counts_overflows(workspace):
     root, data, checkpoint = workspace
     out = root / "narrow.json"
@@ -263,6 +275,23 @@ BAD_INPUTS = {  # case: (command line, what its one-line message must say)
     ),
     "eval NaN weights": (EVAL.replace("{ckpt}", "{nan}"), "has NaN or Inf values in conv1.weight"),
     "verify --rows 0": ("verify --ir x.ir --rows 0", "argument --rows: 0 is not a positive integer"),
+    "eval --layer-wbits too few": (
+        EVAL + " --layer-wbits 4,2,4",
+        "3 per-layer weight widths given for a network of 20",
+    ),
+    "eval --layer-wbits not a width": (
+        EVAL + " --layer-wbits 8,x",
+        "argument --layer-wbits: 'x' is not an integer",
+    ),
+    "eval --layer-wbits with --first-wbits": (
+        EVAL.replace("--wbits 4", "--first-wbits 8") + " --layer-wbits " + ",".join(["4"] * 20),
+        "--layer-wbits sets every layer's width: drop --first-wbits",
+    ),
+    "train --wbits beside --layer-wbits": (
+        TRAIN + " --budget-evals 8 --layer-wbits " + ",".join(["2"] * 20) + " --out {tmp}/r",
+        "--wbits 4 is not the widest of --layer-wbits (2)",
+    ),
+    "eval --weight-range wide": (EVAL + " --weight-range wide", "argument --weight-range: invalid choice"),
 }
 
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from .. import HwqError
 from ..data import DEFAULT_SPLIT_SEED, DEFAULT_VAL_FRACTION
-from ..flags import add_accumulator_flags, add_fit_flag, add_model_flags
+from ..flags import add_accumulator_flags, add_fit_flag, add_model_flags, layer_wbits_settings
 from ..results import percent
 from . import DEFAULT_LEARNED_ROUND_ITERS, METHODS, OPTIMIZERS, QAT_STARTS
 
@@ -22,6 +22,7 @@ def target_settings(args: argparse.Namespace) -> dict:
 
     given = {
         "wbits": args.wbits,
+        **layer_wbits_settings(args),
         "abits": args.abits,
         "accumulator_bits": args.acc_bits,
         "overflow": args.overflow,

@@ -178,12 +178,12 @@ class QuantLayers:
         self.weight_layers = 0  # weight layers made so far: the index into cfg.layer_wbits
 
     def next_weight_bits(self, default: int) -> int:
-        """The width of the next weight layer made (the network makes them in IR order)."""
+        """The width of the next weight layer made (the network makes them in IR order);
+        beyond the given widths the default, and `QuantConfig.check_layers` then refuses
+        the count, naming the network's."""
         index, self.weight_layers = self.weight_layers, self.weight_layers + 1
-        if self.cfg.layer_wbits is None:
+        if self.cfg.layer_wbits is None or index >= len(self.cfg.layer_wbits):
             return default
-        if index >= len(self.cfg.layer_wbits):
-            raise HwqError(f"{len(self.cfg.layer_wbits)} per-layer weight widths given for a deeper network")
         return self.cfg.layer_wbits[index]
 
     def input_transform(self) -> nn.Module:

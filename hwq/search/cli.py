@@ -12,7 +12,9 @@ from .. import HwqError
 from ..flags import (
     MULT_BITS,
     add_fit_flag,
+    add_layer_wbits_flag,
     add_weight_range_flag,
+    layer_wbits_settings,
     nonnegative_int,
     open_fraction,
     positive_float,
@@ -44,6 +46,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     from .train import TrainConfig
 
     given = {k: v for k, v in vars(args).items() if v is not None and k not in ("func", "command", "resume")}
+    given |= layer_wbits_settings(args)
     eda_given = {f: given.pop(f) for f in EDA_FLAGS if f in given}
     if "acc_bits" in given:
         given["accumulator_bits"] = given.pop("acc_bits")
@@ -155,6 +158,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--first-wbits", type=int, help="weight bits of the first conv (default: --wbits)")
     p.add_argument("--last-wbits", type=int, help="weight bits of the classifier (default: --wbits)")
+    add_layer_wbits_flag(p)
     add_weight_range_flag(p, default=None)
     p.add_argument(
         "--hw", help="accelerator TOML (examples/*.toml): its operand widths and accumulator are the target's"
