@@ -75,6 +75,13 @@ class ParamBlock:
             raise HwqError("float positions do not round to the integer weights they start from")
 
 
+def weight_levels(bits: int, narrow: bool) -> tuple[int, int]:
+    """The lowest and highest level of a `bits`-bit weight: symmetric when `narrow`, like
+    Brevitas' default quantizers, else the whole two's-complement range (--weight-range)."""
+    hi = (1 << (bits - 1)) - 1
+    return (-hi if narrow else -hi - 1), hi
+
+
 def weight_block(
     op: str,
     weight: np.ndarray,
@@ -84,12 +91,12 @@ def weight_block(
     max_radius: int | None = None,
     narrow: bool = True,
 ) -> ParamBlock:
-    """A layer's `bits`-bit weights; `narrow` keeps them symmetric ([-(2^(b-1)-1), 2^(b-1)-1])
-    like Brevitas' weight quantizers, so the brevitas target can represent every level.
-    Without a float network (a search resumed from an IR) the position is the level itself."""
+    """A layer's `bits`-bit weights within `weight_levels`, the run's quantizer's range, so
+    the brevitas target can represent every level. Without a float network (a search
+    resumed from an IR) the position is the level itself."""
     base = np.asarray(weight).reshape(-1).astype(np.int64)
-    hi = np.full(base.shape, (1 << (bits - 1)) - 1, dtype=np.int64)
-    lo = -hi if narrow else -hi - 1
+    low, high = weight_levels(bits, narrow)
+    lo, hi = np.full(base.shape, low, dtype=np.int64), np.full(base.shape, high, dtype=np.int64)
     pos = base.astype(np.float64) if position is None else np.asarray(position, np.float64).reshape(-1)
     if pos.shape != base.shape:
         raise HwqError("float positions do not round to the integer weights they start from")

@@ -20,6 +20,7 @@ import numpy as np
 from accel_sim.ir import Conv2d, Program, Requant, load_program, program_digest
 
 from .. import HwqError
+from .cceda import weight_levels
 
 POSITIONS_FROM_CHECKPOINT = "checkpoint"  # float weight / the lowering's weight scale
 POSITIONS_FROM_LEVELS = "levels"  # the init program's integer levels
@@ -108,8 +109,7 @@ def check_weight_range(program: Program, path: str, narrow: bool) -> None:
     """The search keeps weights in the run's range (Brevitas' narrow or full); a base
     outside it has no level."""
     for op in program.conv_ops():
-        hi = (1 << (op.weight_bits - 1)) - 1
-        lo = -hi if narrow else -hi - 1
+        lo, hi = weight_levels(op.weight_bits, narrow)
         if op.weight.size and (op.weight.min() < lo or op.weight.max() > hi):
             hint = " (a program of --weight-range full?)" if narrow else ""
             raise HwqError(
