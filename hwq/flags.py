@@ -17,7 +17,7 @@ from accel_sim.ir import MAX_MULT_BITS, Accumulator, Program, load_program
 from . import HwqError
 from .data import DEFAULT_SPLIT_SEED, DEFAULT_VAL_FRACTION, SPLITS
 from .outdir import output_file_problem
-from .quant import DEFAULT_CALIBRATION_IMAGES, DEFAULT_MULT_BITS
+from .quant import DEFAULT_CALIBRATION_IMAGES, DEFAULT_MULT_BITS, WEIGHT_RANGES
 
 if TYPE_CHECKING:
     from .quant.accumulator_fit import AccumulatorFit
@@ -176,8 +176,6 @@ def layer_wbits_settings(args: argparse.Namespace) -> dict:
 
 
 def add_weight_range_flag(p: argparse.ArgumentParser, default: str | None = "narrow") -> None:
-    from .quant.model import WEIGHT_RANGES
-
     p.add_argument(
         "--weight-range",
         choices=WEIGHT_RANGES,

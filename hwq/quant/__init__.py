@@ -6,3 +6,5 @@ Constants the command line needs live here, so that parsing flags imports no tor
 DEFAULT_BATCH = 50
 DEFAULT_CALIBRATION_IMAGES = 512
 DEFAULT_MULT_BITS = 16
+# Brevitas' narrow_range: symmetric weights (its default quantizers'), or every level.
+WEIGHT_RANGES = ("narrow", "full")

@@ -26,12 +26,12 @@ from brevitas.quant import (
 )
 
 from .. import HwqError, cache_dir
+from . import WEIGHT_RANGES
 
 CIFAR_MEAN = (0.485, 0.456, 0.406)
 CIFAR_STD = (0.229, 0.224, 0.225)
 DEPTHS = (20, 32, 44, 56)
 MIN_BITS, MAX_BITS = 2, 16
-WEIGHT_RANGES = ("narrow", "full")
 STAGE_WIDTHS = (16, 32, 64)
 
 KNOWN_CHECKPOINTS = {
