@@ -25,7 +25,7 @@ from hwq.codesign.space import Design, load_space, space_from_dict
 from hwq.data import load_split
 from hwq.quant.evaluate import evaluate_program
 
-from .helpers import write_checkpoint, write_cifar_batches
+from .helpers import weight_levels, write_checkpoint, write_cifar_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = """
@@ -134,6 +134,7 @@ def one_line_error(capsys, workspace, text: str, needle: str) -> None:
         (TINY.replace("fc = [4, 8]", "conv9 = [4]"), "precision.layers names 'conv9'"),
         (TINY + "fit_accumulator = 0.2\n", "search.fit_accumulator must be true, false or a quantile"),
         (TINY + "overflow_penalty = -1\n", "search.overflow_penalty must be a non-negative integer"),
+        (TINY + 'weight_range = "wide"\n', "search.weight_range = 'wide' is not one of narrow, full"),
     ],
 )
 def test_bad_space_files_are_one_line_errors(capsys, workspace, text, needle):
@@ -274,6 +275,23 @@ def test_the_fine_tune_searches_with_the_spaces_overflow_penalty(workspace):
     evaluator.finetune(design, str(where / "tune"), screened["ir"], None)
     run = json.loads((where / "tune" / "train" / "config.json").read_text())
     assert run["overflow_penalty"] == 5 and run["accumulator_bits"] == 14
+
+
+def test_a_full_range_space_quantizes_starts_and_fine_tunes_on_every_level(workspace):
+    from hwq.codesign.candidate import CandidateEvaluator, Settings
+
+    root, data, checkpoint, _ = workspace
+    base = dict(rows=8, cols=8, dataflow="os", weight_bytes=65536, input_bytes=65536, output_bytes=65536)
+    design = Design(layer_wbits=(2,) * 20, act_bits=8, acc_bits=32, overflow="wrap", **base)
+    where = root / "full_range"
+    evaluator = CandidateEvaluator(
+        Settings(checkpoint, data, str(where), False, "rtn", 4, 8, 0, weight_range="full")
+    )
+    screened = evaluator.screen(design, str(where / "screen"))
+    start = load_program(screened["ir"])
+    assert start.meta["weight_range"] == "full" and weight_levels(start) == {-2, -1, 0, 1}
+    evaluator.finetune(design, str(where / "tune"), screened["ir"], None)
+    assert json.loads((where / "tune" / "train" / "config.json").read_text())["weight_range"] == "full"
 
 
 # ----- a whole run -------------------------------------------------------------------

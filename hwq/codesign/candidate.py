@@ -54,6 +54,7 @@ class Settings:
     calibration_images: int = DEFAULT_CALIBRATION_IMAGES
     fit_accumulator: float | None = None  # quantile of measured sums fitted to each design's accumulator
     overflow_penalty: int = 0  # the fine-tune's fitness points per overflowed output (hwq train's)
+    weight_range: str = "narrow"  # Brevitas' narrow_range for every design (--weight-range)
 
     def start_key(self, design: Design) -> str:
         """Designs with one key share one start: one per precision, or, with the fit, one per
@@ -68,8 +69,14 @@ class Settings:
         return None if self.fit_accumulator is None else Accumulator(design.acc_bits, design.overflow)
 
 
-def quant_config(design: Design, per_channel: bool) -> QuantConfig:
-    return QuantConfig(max(design.layer_wbits), design.act_bits, per_channel, layer_wbits=design.layer_wbits)
+def quant_config(design: Design, per_channel: bool, weight_range: str) -> QuantConfig:
+    return QuantConfig(
+        max(design.layer_wbits),
+        design.act_bits,
+        per_channel,
+        layer_wbits=design.layer_wbits,
+        weight_range=weight_range,
+    )
 
 
 def start_dir(out: Path, key: str) -> Path:
@@ -126,7 +133,7 @@ class CandidateEvaluator:
         if s.start == "rtn":
             return prepare(
                 s.checkpoint,
-                quant_config(design, s.per_channel),
+                quant_config(design, s.per_channel, s.weight_range),
                 s.data,
                 s.calibration_images,
                 s.val_fraction,
@@ -154,6 +161,7 @@ class CandidateEvaluator:
                     data=s.data,
                     per_channel=s.per_channel,
                     layer_wbits=design.layer_wbits,
+                    weight_range=s.weight_range,
                     **accumulator_settings(s.start_accumulator(design)),
                     seed=s.seed,
                     calibration_images=s.calibration_images,
@@ -205,6 +213,7 @@ class CandidateEvaluator:
             data=s.data,
             per_channel=s.per_channel,
             layer_wbits=design.layer_wbits,
+            weight_range=s.weight_range,
             accumulator_bits=design.acc_bits,
             overflow=design.overflow,
             seed=s.seed,

@@ -174,6 +174,7 @@ class Codesign:
             seed=self.space.search["seed"],
             fit_accumulator=self.space.search["fit_accumulator"],
             overflow_penalty=self.space.search["overflow_penalty"],
+            weight_range=self.space.weight_range,
         )
         self.reference = prepare(
             self.settings.checkpoint, QuantConfig(8, 8, self.space.per_channel), self.settings.data

@@ -33,6 +33,7 @@ from accel_sim.ir import (
 )
 
 from .. import HwqError
+from ..quant import WEIGHT_RANGES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -68,6 +69,7 @@ SEARCH_DEFAULTS: dict[str, Any] = {
     "start": "rtn",
     "objectives": list(OBJECTIVES),
     "per_channel": True,
+    "weight_range": "narrow",
     "fit_accumulator": False,
     "overflow_penalty": 0,
 }
@@ -153,6 +155,10 @@ class Space:
     @property
     def per_channel(self) -> bool:
         return bool(self.search["per_channel"])
+
+    @property
+    def weight_range(self) -> str:
+        return str(self.search["weight_range"])
 
     @property
     def objectives(self) -> tuple[str, ...]:
@@ -355,6 +361,10 @@ def read_search(doc: dict) -> dict[str, Any]:
         raise HwqError("search.objectives must include accuracy")
     if not isinstance(search["per_channel"], bool):
         raise HwqError("search.per_channel must be true or false")
+    if search["weight_range"] not in WEIGHT_RANGES:
+        raise HwqError(
+            f"search.weight_range = {search['weight_range']!r} is not one of {', '.join(WEIGHT_RANGES)}"
+        )
     search["fit_accumulator"] = read_fit(search["fit_accumulator"])
     search["objectives"] = list(dict.fromkeys(objectives))
     return search
