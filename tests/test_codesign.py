@@ -260,16 +260,21 @@ def test_the_fit_gives_each_accumulator_width_its_own_start(workspace):
     assert copied == sum(op.weight.size for op in program.conv_ops()[1:])  # all but the stem
 
 
-def test_the_fine_tune_searches_with_the_spaces_overflow_penalty(workspace):
+def one_design_evaluator(workspace, name: str, wbits: int, acc_bits: int, **changed):
+    """An 8x8 design of one weight width, its candidate directory, and an evaluator with
+    a 4-evaluation fine-tune on 8 images, the given Settings changed."""
     from hwq.codesign.candidate import CandidateEvaluator, Settings
 
     root, data, checkpoint, _ = workspace
     base = dict(rows=8, cols=8, dataflow="os", weight_bytes=65536, input_bytes=65536, output_bytes=65536)
-    design = Design(layer_wbits=(4,) * 20, act_bits=8, acc_bits=14, overflow="wrap", **base)
-    where = root / "penalty"
-    evaluator = CandidateEvaluator(
-        Settings(checkpoint, data, str(where), False, "rtn", 4, 8, 0, overflow_penalty=5)
-    )
+    design = Design(layer_wbits=(wbits,) * 20, act_bits=8, acc_bits=acc_bits, overflow="wrap", **base)
+    where = root / name
+    settings = Settings(checkpoint, data, str(where), False, "rtn", 4, 8, 0, **changed)
+    return design, where, CandidateEvaluator(settings)
+
+
+def test_the_fine_tune_searches_with_the_spaces_overflow_penalty(workspace):
+    design, where, evaluator = one_design_evaluator(workspace, "penalty", 4, 14, overflow_penalty=5)
     screened = evaluator.screen(design, str(where / "screen"))
     assert screened["overflows"] > 0
     evaluator.finetune(design, str(where / "tune"), screened["ir"], None)
@@ -278,15 +283,7 @@ def test_the_fine_tune_searches_with_the_spaces_overflow_penalty(workspace):
 
 
 def test_a_full_range_space_quantizes_starts_and_fine_tunes_on_every_level(workspace):
-    from hwq.codesign.candidate import CandidateEvaluator, Settings
-
-    root, data, checkpoint, _ = workspace
-    base = dict(rows=8, cols=8, dataflow="os", weight_bytes=65536, input_bytes=65536, output_bytes=65536)
-    design = Design(layer_wbits=(2,) * 20, act_bits=8, acc_bits=32, overflow="wrap", **base)
-    where = root / "full_range"
-    evaluator = CandidateEvaluator(
-        Settings(checkpoint, data, str(where), False, "rtn", 4, 8, 0, weight_range="full")
-    )
+    design, where, evaluator = one_design_evaluator(workspace, "full_range", 2, 32, weight_range="full")
     screened = evaluator.screen(design, str(where / "screen"))
     start = load_program(screened["ir"])
     assert start.meta["weight_range"] == "full" and weight_levels(start) == {-2, -1, 0, 1}

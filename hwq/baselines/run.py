@@ -76,15 +76,7 @@ class BaselineConfig:
     split_seed: int = DEFAULT_SPLIT_SEED
 
     def quant(self) -> QuantConfig:
-        return QuantConfig(
-            self.wbits,
-            self.abits,
-            self.per_channel,
-            self.first_wbits,
-            self.last_wbits,
-            self.layer_wbits,
-            self.weight_range,
-        )
+        return QuantConfig.of(self)
 
     def accumulator(self) -> Accumulator:
         return Accumulator(self.accumulator_bits, self.overflow)

@@ -9,6 +9,7 @@ first convolution, so that the integer program's input is the raw image itself.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +68,11 @@ class QuantConfig:
     last_wbits: int | None = None
     layer_wbits: tuple[int, ...] | None = None
     weight_range: str = "narrow"
+
+    @classmethod
+    def of(cls, settings: object) -> QuantConfig:
+        """The widths a run's settings (hwq train's, hwq baseline's) hold under the same names."""
+        return cls(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(cls)})
 
     @property
     def narrow_weights(self) -> bool:

@@ -156,15 +156,7 @@ class TrainConfig:
     progress: bool = True
 
     def quant(self) -> QuantConfig:
-        return QuantConfig(
-            self.wbits,
-            self.abits,
-            self.per_channel,
-            self.first_wbits,
-            self.last_wbits,
-            self.layer_wbits,
-            self.weight_range,
-        )
+        return QuantConfig.of(self)
 
     def accumulator(self) -> Accumulator:
         return Accumulator(self.accumulator_bits, self.overflow)
